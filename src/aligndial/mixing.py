@@ -1,0 +1,170 @@
+"""All λ maths lives here, and nowhere else.
+
+DeRa (Liu et al., 2024, Prop. 1 / Eq. 9) samples each token from
+
+    softmax(λ·h_aligned + (1 − λ)·h_ref)
+
+and with K aligned models (App. B) from
+
+    softmax((1 − Σλ_i)·h_ref + Σ λ_i·h_i).
+
+The same linear combination, applied to final hidden states instead of logits, is what the
+dual-path adapter model uses when both paths share one linear head: the weights sum to one,
+so W(Σ w_i·x_i) + b = Σ w_i·(W x_i + b).
+
+Numerics (see RELIABILITY.md, cases 12–15):
+- everything is mixed in float32, whatever the models' dtype, so fp16 cannot overflow at λ=50;
+- a source with weight exactly 0 is ignored entirely, which makes λ=0 and λ=1 bit-exact;
+- a token masked (−inf) in any source with a non-zero weight stays masked (the union of the
+  masks), instead of becoming NaN (−inf·0, −inf + inf) or +inf (−inf·negative weight);
+- NaN or +inf in a source raises, so no silently chosen token.
+
+This module knows nothing about models or tokenizers: tensors in, tensors out.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+
+LamLike = float | int | Sequence[float] | torch.Tensor
+
+
+def lam_weights(lam: LamLike, batch_size: int, n_aligned: int = 1) -> torch.Tensor:
+    """Turn any accepted form of λ into a float32 tensor of shape (B, K).
+
+    - a number: the same λ for every row (only with one aligned model, K = 1);
+    - a list or tuple: one λ_i per aligned model (length K), the same for every row;
+    - a tensor: one row per batch element, shape (B,) for K = 1 or (B, K). A 0-d tensor is a number.
+    """
+    if isinstance(lam, torch.Tensor):
+        t = lam.detach().to("cpu", torch.float64)
+        if t.ndim == 0:
+            if n_aligned != 1:
+                _bad_number(n_aligned)
+            t = t.reshape(1, 1).expand(batch_size, 1)
+        elif t.ndim == 1 and n_aligned == 1:
+            t = t.reshape(-1, 1)
+        if t.ndim != 2 or t.shape != (batch_size, n_aligned):
+            raise ValueError(
+                f"lam tensor must have one row per batch element, shape ({batch_size},) or "
+                f"({batch_size}, {n_aligned}); got shape {tuple(lam.shape)}"
+            )
+    elif isinstance(lam, (int, float)) and not isinstance(lam, bool):
+        if n_aligned != 1:
+            _bad_number(n_aligned)
+        t = torch.full((batch_size, 1), float(lam), dtype=torch.float64)
+    elif isinstance(lam, (list, tuple)):
+        if len(lam) != n_aligned or not all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in lam):
+            raise ValueError(
+                f"lam as a list needs one number per aligned model ({n_aligned}); got {list(lam)!r}"
+            )
+        t = torch.tensor([float(x) for x in lam], dtype=torch.float64).expand(batch_size, n_aligned)
+    else:
+        raise TypeError(f"lam must be a number, a list of numbers or a tensor; got {type(lam).__name__}: {lam!r}")
+    if not torch.isfinite(t).all():
+        bad = t[~torch.isfinite(t)][0].item()
+        raise ValueError(f"lam must be finite; got {bad}. Pass a real number such as 0.5 or 2.")
+    return t.to(torch.float32).contiguous()
+
+
+def _bad_number(n_aligned: int):
+    raise ValueError(
+        f"there are {n_aligned} aligned models, so lam needs {n_aligned} weights "
+        f"(a list such as {[0.5] * n_aligned}); got a single number"
+    )
+
+
+def check_lam(value: float, name: str = "lam", bound: float | None = None) -> float:
+    """Validate one scalar λ from user input (CLI flag, HTTP field) and return it as a float."""
+    try:
+        x = float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"`{name}` must be a number; got {value!r}") from None
+    if not math.isfinite(x):
+        raise ValueError(f"`{name}` must be finite; got {value!r}")
+    if bound is not None and abs(x) > bound:
+        raise ValueError(f"`{name}` must be within [-{bound}, {bound}]; got {x}")
+    return x
+
+
+def source_weights(lam: torch.Tensor) -> torch.Tensor:
+    """(B, K) λ → (B, 1 + K) weights [1 − Σλ_i, λ_1, …, λ_K] (DeRa App. B), computed in float64."""
+    lam64 = lam.to(torch.float64)
+    return torch.cat([1.0 - lam64.sum(-1, keepdim=True), lam64], dim=-1).to(torch.float32)
+
+
+def active_sources(lam: torch.Tensor) -> list[bool]:
+    """Which of [ref, aligned_1, …] carry a non-zero weight in at least one row.
+
+    A source that is inactive in every row need not be run at all: this is the λ=0 / λ=1
+    fast path, generalised to K aligned models.
+    """
+    return (source_weights(lam) != 0).any(dim=0).tolist()
+
+
+def _as_list(aligned) -> list:
+    return [aligned] if aligned is None or isinstance(aligned, torch.Tensor) else list(aligned)
+
+
+def _row_view(w: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """(B,) weights → (B, 1, …, 1) so they broadcast over every non-batch axis of `like`."""
+    return w.to(like.device).reshape(w.shape[0], *([1] * (like.ndim - 1)))
+
+
+def mix_logits(
+    ref_logits: torch.Tensor | None,
+    aligned_logits: torch.Tensor | None | Sequence[torch.Tensor | None],
+    lam: LamLike,
+) -> torch.Tensor:
+    """Mixed, unnormalised float32 logits (1 − Σλ_i)·h_ref + Σ λ_i·h_i (DeRa Eq. 9, App. B).
+
+    Shapes: every source is (B, …, V); `lam` is anything `lam_weights` accepts. A source may
+    be None when its weight is zero in every row (the caller skipped running that model).
+    Rows whose weights select a single source return that source's values exactly.
+    """
+    sources = [ref_logits, *_as_list(aligned_logits)]
+    present = next(s for s in sources if s is not None)
+    w = source_weights(lam_weights(lam, present.shape[0], len(sources) - 1))  # (B, 1+K)
+    out = torch.zeros(present.shape, dtype=torch.float32, device=present.device)
+    masked = torch.zeros(present.shape, dtype=torch.bool, device=present.device)
+    for i, src in enumerate(sources):
+        wi = w[:, i]
+        if src is None:
+            if (wi != 0).any():
+                raise ValueError(f"source {i} was not computed but has a non-zero weight; weights {w.tolist()}")
+            continue
+        if src.shape != present.shape:
+            raise ValueError(f"all sources must have the same shape; got {tuple(src.shape)} and {tuple(present.shape)}")
+        name = "ref_logits" if i == 0 else f"aligned_logits[{i - 1}]"
+        src = src.float()
+        if torch.isnan(src).any() or torch.isposinf(src).any():
+            bad = "NaN" if torch.isnan(src).any() else "+inf"
+            raise ValueError(f"{name} contains {bad}; the model's output is broken (check its dtype and weights)")
+        wv = _row_view(wi, src)
+        neg = torch.isneginf(src)
+        out += torch.where(neg, 0.0, src) * wv
+        masked |= neg & (wv != 0)
+    out.masked_fill_(masked, float("-inf"))
+    if masked.all(dim=-1).any():
+        raise ValueError("every token is masked (−inf) in some source for at least one position; nothing can be sampled")
+    return out
+
+
+def mixed_logps(
+    ref_logits: torch.Tensor,
+    aligned_logits: torch.Tensor | Sequence[torch.Tensor],
+    lam: LamLike,
+) -> torch.Tensor:
+    """float32 log-probabilities of softmax((1 − Σλ_i)·h_ref + Σ λ_i·h_i) over the last axis."""
+    return torch.log_softmax(mix_logits(ref_logits, aligned_logits, lam), dim=-1)
+
+
+def mix_hidden(ref_hidden: torch.Tensor, aligned_hidden: torch.Tensor, lam: LamLike) -> torch.Tensor:
+    """The same combination on final hidden states (B, T, H), mixed in float32, cast back.
+
+    Used by the dual-path model before a shared linear head; exact at λ=0 and λ=1.
+    """
+    return mix_logits(ref_hidden, aligned_hidden, lam).to(ref_hidden.dtype)
