@@ -168,3 +168,14 @@ def mix_hidden(ref_hidden: torch.Tensor, aligned_hidden: torch.Tensor, lam: LamL
     Used by the dual-path model before a shared linear head; exact at λ=0 and λ=1.
     """
     return mix_logits(ref_hidden, aligned_hidden, lam).to(ref_hidden.dtype)
+
+
+def mix_weights(ref_param: torch.Tensor, aligned_params: Sequence[torch.Tensor], lam: Sequence[float]) -> torch.Tensor:
+    """θ = (1 − Σλ_i)·θ_ref + Σ λ_i·θ_i for one parameter tensor: the weight-space baseline of
+    DeRa App. D.5 (as in rewarded soups). Mixed in float32, cast back; exact at λ=0 and λ=1."""
+    w = source_weights(lam_weights(list(lam), 1, len(aligned_params)))[0]
+    out = torch.zeros(ref_param.shape, dtype=torch.float32, device=ref_param.device)
+    for wi, p in zip(w.tolist(), [ref_param, *aligned_params]):
+        if wi != 0:
+            out += wi * p.float()
+    return out.to(ref_param.dtype)

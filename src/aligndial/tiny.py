@@ -13,7 +13,9 @@ import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedTokenizerFast
 
-SPECIAL_TOKENS = ["<pad>", "<s>", "</s>", "<|user|>", "<|assistant|>", "<|system|>"]
+SPECIAL_TOKENS = ["<pad>", "<s>", "</s>", "<|user|>", "<|assistant|>", "<|system|>", "<|endoftext|>"]
+# transformers 5 loads a saved tokenizer with the model type's own class (Qwen2Tokenizer adds
+# <|endoftext|> when missing), so it is part of the vocabulary from the start.
 PAD_ID, BOS_ID, EOS_ID = 0, 1, 2
 
 # A minimal chat format our tiny tokenizers share: one role tag per turn, `</s>` closes a turn.

@@ -1,0 +1,185 @@
+"""The `aligndial` command line. Each verb is a thin function over the library.
+
+    aligndial generate --ref R --aligned A --lam 0 --lam 0.5 --lam 1 --prompt "Hi" --json
+    aligndial generate --model M --adapter A --lam 0.5 --prompt "Hi"
+    aligndial interpolate --ref R --aligned A --lam 0.5 --out DIR
+    aligndial adapter init --model M --out DIR
+    aligndial adapter merge --model M --adapter A --out DIR
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from aligndial.mixing import check_lam
+
+
+def _lam_list(text: str, n_aligned: int) -> float | list[float]:
+    """One `--lam` value: a number, or a comma list with one weight per aligned model."""
+    parts = [check_lam(x.strip(), "--lam") for x in text.split(",")]
+    if len(parts) != n_aligned:
+        raise ValueError(
+            f"`--lam {text}` has {len(parts)} weight(s) but there are {n_aligned} aligned models; "
+            f"give one comma-separated weight per `--aligned`, e.g. --lam {','.join(['0.5'] * n_aligned)}"
+        )
+    return parts[0] if n_aligned == 1 else parts
+
+
+def _read_prompts(args) -> list:
+    if (args.prompt is None) == (args.prompts_file is None):
+        raise ValueError("give exactly one of `--prompt TEXT` or `--prompts-file F.jsonl`")
+    if args.prompt is not None:
+        return list(args.prompt)
+    prompts = []
+    with open(args.prompts_file) as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{args.prompts_file}:{n}: not valid JSON ({e.msg})") from None
+            value = row.get("prompt", row.get("messages")) if isinstance(row, dict) else None
+            if not value:
+                raise ValueError(f"{args.prompts_file}:{n}: each line needs a non-empty `prompt` or `messages` field")
+            prompts.append(value)
+    if not prompts:
+        raise ValueError(f"{args.prompts_file} holds no prompts")
+    return prompts
+
+
+def _load_generator(args):
+    """(model, tokenizer, n_aligned) for the model choice in `args`; n_aligned 0 is a plain model."""
+    from aligndial.loading import load_causal_lm, load_tokenizer
+
+    if args.ref and args.model:
+        raise ValueError("Can't provide both `--ref` and `--model`. Choose one.")
+    if args.ref:
+        if not args.aligned:
+            raise ValueError("`--ref` needs at least one `--aligned` model")
+        from aligndial.pair import RealignedPair
+
+        pair = RealignedPair.from_pretrained(args.ref, args.aligned, args.dtype, args.device, args.trust_remote_code)
+        return pair, pair.tokenizer, len(args.aligned)
+    if not args.model:
+        raise ValueError("give `--ref R --aligned A` (DeRa pair) or `--model M [--adapter A]`")
+    if args.aligned:
+        raise ValueError("`--aligned` goes with `--ref`, not `--model`")
+    tok = load_tokenizer(args.model, args.trust_remote_code)
+    model = load_causal_lm(args.model, args.dtype, args.device, args.trust_remote_code)
+    if getattr(args, "adapter", None):
+        from aligndial.dualpath import DualPathModel
+
+        return DualPathModel.from_adapter(model, args.adapter), tok, 1
+    return model, tok, 0
+
+
+def cmd_generate(args) -> int:
+    from tqdm.auto import tqdm
+
+    from aligndial.generation import generate_rows, render_prompts
+
+    prompts = _read_prompts(args)
+    model, tok, n_aligned = _load_generator(args)
+    lams = [_lam_list(x, n_aligned) for x in (args.lam or ["1"])] if n_aligned else [None]
+    if not n_aligned and args.lam:
+        raise ValueError("`--lam` needs a mix: add `--aligned` (with `--ref`) or `--adapter` (with `--model`)")
+    texts = render_prompts(tok, prompts, args.chat)
+    gen = dict(max_new_tokens=args.max_new_tokens, num_beams=args.num_beams, do_sample=args.do_sample)
+    if args.do_sample:
+        gen.update(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k)
+    results = {}
+    for lam in tqdm(lams, desc="λ", disable=len(lams) < 2 or not sys.stderr.isatty()):
+        results[json.dumps(lam)] = generate_rows(
+            model, tok, texts, lam=lam, seed=args.seed, add_special_tokens=not args.chat, **gen
+        )
+    for i, prompt in enumerate(prompts):
+        for lam in lams:
+            row = {"lam": lam, "prompt": prompt, **results[json.dumps(lam)][i]}
+            if args.json:
+                print(json.dumps(row), flush=True)
+            else:
+                label = "plain model" if lam is None else f"λ={lam}"
+                print(f"[{label}] {prompt if isinstance(prompt, str) else prompt[-1]['content']!s}\n{row['text']}\n")
+    return 0
+
+
+def cmd_interpolate(args) -> int:
+    from aligndial.interpolate import interpolate
+
+    out = interpolate(args.ref, args.aligned, args.lam, args.out, args.dtype, args.trust_remote_code)
+    _report(args, {"out": str(out), "lam": args.lam}, f"wrote θ_ref + {args.lam}·(θ_aligned − θ_ref) to {out}")
+    return 0
+
+
+def cmd_demo(args) -> int:
+    raise SystemExit(
+        "aligndial demo: the embedded demo models have not been built yet (issue: the embedded demo). "
+        "Nothing was run."
+    )
+
+
+def _report(args, payload: dict, text: str) -> None:
+    print(json.dumps(payload) if getattr(args, "json", False) else text)
+
+
+def _add_model_flags(p, pair: bool = True, adapter: bool = True) -> None:
+    p.add_argument("--model", help="a causal LM: local directory or hub id")
+    if adapter:
+        p.add_argument("--adapter", help="a layer-adapter directory (with --model)")
+    if pair:
+        p.add_argument("--ref", help="reference (SFT) model for a DeRa pair")
+        p.add_argument("--aligned", action="append", help="aligned model (repeat for several)")
+    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None)
+    p.add_argument("--device", default=None, help="e.g. cpu, cuda, cuda:1 (default: cpu)")
+    p.add_argument("--trust-remote-code", action="store_true", help="run model code from the checkpoint")
+
+
+def make_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="aligndial", description="Alignment strength as a dial (λ).")
+    sub = parser.add_subparsers(dest="verb", required=True)
+
+    g = sub.add_parser("generate", help="generate at one or more λ, side by side")
+    _add_model_flags(g)
+    g.add_argument("--lam", action="append", help="λ (repeat to compare); comma list with several --aligned")
+    g.add_argument("--prompt", action="append", help="a prompt (repeatable)")
+    g.add_argument("--prompts-file", help="JSONL with a `prompt` or `messages` field per line")
+    g.add_argument("--chat", action="store_true", help="apply the reference tokenizer's chat template")
+    g.add_argument("--max-new-tokens", type=int, default=64)
+    g.add_argument("--do-sample", action="store_true", help="sample instead of greedy decoding")
+    g.add_argument("--temperature", type=float, default=1.0)
+    g.add_argument("--top-p", type=float, default=1.0)
+    g.add_argument("--top-k", type=int, default=0)
+    g.add_argument("--seed", type=int, default=None)
+    g.add_argument("--num-beams", type=int, default=1)
+    g.add_argument("--json", action="store_true", help="one JSON object per line")
+    g.set_defaults(func=cmd_generate)
+
+    i = sub.add_parser("interpolate", help="weight-space baseline: θ_ref + λ(θ_aligned − θ_ref) (DeRa App. D.5)")
+    i.add_argument("--ref", required=True)
+    i.add_argument("--aligned", required=True)
+    i.add_argument("--lam", type=float, required=True)
+    i.add_argument("--out", required=True)
+    i.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None)
+    i.add_argument("--trust-remote-code", action="store_true")
+    i.add_argument("--json", action="store_true")
+    i.set_defaults(func=cmd_interpolate)
+
+    d = sub.add_parser("demo", help="the embedded demo: alignment strength as a dial on tiny models")
+    d.set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = make_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (ValueError, OSError) as e:
+        print(f"aligndial {args.verb}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

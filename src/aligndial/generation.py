@@ -1,0 +1,113 @@
+"""What makes λ-mixed models work with Hugging Face `generate()`.
+
+`MixedLM` is a `PreTrainedModel` whose forward returns λ-mixed logits. Subclasses (the DeRa
+pair, the dual-path adapter model) implement three things:
+
+- `new_cache()`: the cache object(s) generation threads through the steps;
+- `prepare_inputs_for_generation(...)`: usually by delegating to the wrapped HF model(s), so
+  positions, masks and cache slicing are exactly what plain transformers would do;
+- `forward(..., lam=...)`: returns `CausalLMOutputWithPast(logits=mixed, past_key_values=cache)`.
+
+Everything else (greedy, sampling, beam search, stopping criteria, streamers, padding) is the
+stock transformers generation stack. λ travels as a model kwarg holding a (B, K) float32 tensor,
+so `generate` expands it with the batch for beams and `num_return_sequences`.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+from transformers import GenerationMixin, PreTrainedModel
+
+from aligndial.mixing import LamLike, lam_weights
+
+
+class MixedLM(PreTrainedModel, GenerationMixin):
+    """Base class: a causal LM whose next-token distribution is a λ-mixture."""
+
+    main_input_name = "input_ids"
+    n_aligned: int = 1
+    # The wrapper runs no attention of its own; the wrapped models use whatever they loaded with.
+    _supports_sdpa = True
+    _supports_flash_attn = True
+    _supports_flex_attn = True
+    _supports_attention_backend = True
+
+    def __init__(self, config):
+        super().__init__(copy.deepcopy(config))
+
+    def new_cache(self):
+        raise NotImplementedError
+
+    # generate() asks for a cache here; we hand it the subclass's own (per-member / 2B-row) cache.
+    def _prepare_cache_for_generation(self, generation_config, model_kwargs, *args, **kwargs):
+        if model_kwargs.get("past_key_values") is None and generation_config.use_cache is not False:
+            model_kwargs["past_key_values"] = self.new_cache()
+
+    def generate(self, inputs: torch.Tensor | None = None, lam: LamLike = 1.0, **kwargs):
+        """`transformers` generate, with `lam`: a number, a list (one per aligned model), or a
+        tensor with one row per prompt (different λ per row). Default 1.0: the aligned model."""
+        input_ids = inputs if inputs is not None else kwargs.get("input_ids")
+        if input_ids is None:
+            raise ValueError("generate needs `input_ids` (prompt embeddings are not supported by mixed models)")
+        lam = lam_weights(lam, input_ids.shape[0], self.n_aligned).to(input_ids.device)
+        return super().generate(inputs, lam=lam, **kwargs)
+
+    def resolve_lam(self, lam: LamLike | None, batch_size: int) -> torch.Tensor:
+        return lam_weights(1.0 if lam is None else lam, batch_size, self.n_aligned)
+
+
+def render_prompts(tokenizer, prompts: list, chat: bool) -> list[str]:
+    """Prompts as text. With `chat`, a string becomes one user turn and a list of messages is
+    used as is; the chat template is the (reference) tokenizer's."""
+    if not chat:
+        bad = [p for p in prompts if not isinstance(p, str)]
+        if bad:
+            raise ValueError(f"a prompt given as messages needs `--chat`; got {bad[0]!r}")
+        return prompts
+    if tokenizer.chat_template is None:
+        raise ValueError("`--chat` needs a tokenizer with a chat template; this one has none. Drop `--chat`.")
+    return [
+        tokenizer.apply_chat_template(
+            [{"role": "user", "content": p}] if isinstance(p, str) else p, tokenize=False, add_generation_prompt=True
+        )
+        for p in prompts
+    ]
+
+
+def generate_rows(
+    model, tokenizer, prompts: list[str], lam=None, seed: int | None = None, add_special_tokens: bool = True, **gen_kwargs
+) -> list[dict]:
+    """Generate for a batch of rendered prompts and return one row per prompt:
+    {"text", "token_ids" (generated ids only, up to and including EOS), "tokens_per_second"}.
+
+    `model` is a plain HF causal LM (then `lam` must be None) or a `MixedLM`. Rendered chat
+    prompts already hold their special tokens, so pass `add_special_tokens=False` for them."""
+    import time
+
+    from transformers import set_seed
+
+    enc = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=add_special_tokens).to(model.device)
+    if seed is not None:
+        set_seed(seed)
+    extra = {} if lam is None else {"lam": lam}
+    start = time.perf_counter()
+    with torch.no_grad():
+        out = model.generate(**enc, **extra, pad_token_id=tokenizer.pad_token_id, **gen_kwargs)
+    elapsed = time.perf_counter() - start
+    new = out[:, enc["input_ids"].shape[1] :].tolist()
+    eos = model.generation_config.eos_token_id
+    eos = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
+    rows = []
+    for ids in new:
+        cut = next((i + 1 for i, t in enumerate(ids) if t in eos), len(ids))
+        ids = ids[:cut]
+        rows.append(
+            {
+                "text": tokenizer.decode(ids, skip_special_tokens=True),
+                "token_ids": ids,
+                "tokens_per_second": round(len(ids) / elapsed, 2) if elapsed > 0 else None,
+            }
+        )
+    return rows

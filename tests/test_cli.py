@@ -1,0 +1,116 @@
+"""`aligndial generate` and `aligndial interpolate`, end to end."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM
+
+from aligndial.cli import main
+
+
+def run(capsys, *argv):
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_generate_json_contract(capsys, model_dirs, tok):
+    ref, aligned, _ = model_dirs["llama"]
+    code, out, _ = run(
+        capsys, "generate", "--ref", ref, "--aligned", aligned, "--lam", "0", "--lam", "0.5", "--lam", "1",
+        "--prompt", "Hello", "--prompt", "The quick brown fox", "--max-new-tokens", "6", "--json",
+    )
+    assert code == 0
+    rows = [json.loads(line) for line in out.splitlines()]
+    assert [(r["prompt"], r["lam"]) for r in rows] == [
+        (p, lam) for p in ("Hello", "The quick brown fox") for lam in (0.0, 0.5, 1.0)
+    ]
+    for r in rows:
+        assert set(r) == {"lam", "prompt", "text", "token_ids", "tokens_per_second"}
+        assert 1 <= len(r["token_ids"]) <= 6 and r["tokens_per_second"] > 0
+    # λ=0 rows are the reference model's greedy tokens (plain transformers is the oracle).
+    enc = tok(["Hello"], return_tensors="pt")
+    expected = AutoModelForCausalLM.from_pretrained(ref).generate(**enc, max_new_tokens=6, do_sample=False)
+    assert rows[0]["token_ids"] == expected[0, enc["input_ids"].shape[1] :].tolist()[: len(rows[0]["token_ids"])]
+
+
+def test_generate_prompts_file_chat_and_several_aligned(capsys, tmp_path, model_dirs):
+    ref, a1, a2 = model_dirs["qwen2"]
+    f = tmp_path / "p.jsonl"
+    f.write_text(json.dumps({"prompt": "Hi"}) + "\n" + json.dumps({"messages": [{"role": "user", "content": "Yo"}]}) + "\n")
+    code, out, _ = run(
+        capsys, "generate", "--ref", ref, "--aligned", a1, "--aligned", a2, "--lam", "0.5,0.25",
+        "--prompts-file", str(f), "--chat", "--max-new-tokens", "4", "--json",
+    )
+    assert code == 0
+    rows = [json.loads(line) for line in out.splitlines()]
+    assert [r["lam"] for r in rows] == [[0.5, 0.25], [0.5, 0.25]]
+
+
+def test_generate_readable_output_labels_lam(capsys, model_dirs):
+    ref, aligned, _ = model_dirs["gpt2"]
+    code, out, _ = run(capsys, "generate", "--ref", ref, "--aligned", aligned, "--lam", "2", "--prompt", "Hi",
+                       "--max-new-tokens", "3", "--do-sample", "--seed", "1", "--top-k", "5")
+    assert code == 0 and "[λ=2.0] Hi" in out
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--lam", "nan"], "`--lam` must be finite; got 'nan'"),
+        (["--lam", "0.5,0.5"], "has 2 weight(s) but there are 1 aligned models"),
+        (["--lam", "abc"], "`--lam` must be a number; got 'abc'"),
+    ],
+)
+def test_generate_bad_lam_names_the_value(capsys, model_dirs, argv, message):
+    ref, aligned, _ = model_dirs["llama"]
+    code, _, err = run(capsys, "generate", "--ref", ref, "--aligned", aligned, "--prompt", "Hi", *argv)
+    assert code == 2 and message in err
+
+
+def test_plain_model_and_conflicting_flags(capsys, model_dirs):
+    ref, aligned, _ = model_dirs["llama"]
+    code, out, _ = run(capsys, "generate", "--model", ref, "--prompt", "Hi", "--max-new-tokens", "3", "--json")
+    assert code == 0 and json.loads(out)["lam"] is None
+    code, _, err = run(capsys, "generate", "--model", ref, "--ref", ref, "--aligned", aligned, "--prompt", "Hi")
+    assert code == 2 and "Can't provide both `--ref` and `--model`" in err
+
+
+def test_console_script_runs(model_dirs):
+    ref, aligned, _ = model_dirs["llama"]
+    exe = os.path.join(os.path.dirname(sys.executable), "aligndial")
+    proc = subprocess.run(
+        [exe, "generate", "--ref", ref, "--aligned", aligned, "--lam", "0.5", "--prompt", "Hi", "--max-new-tokens", "3", "--json"],
+        capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"}, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout)["lam"] == 0.5
+
+
+def test_demo_fails_clearly_until_built(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["demo"])
+    assert "not been built" in str(e.value)
+
+
+def test_interpolate_endpoints_are_exact(capsys, tmp_path, model_dirs):
+    ref, aligned, _ = model_dirs["llama"]
+    ref_w = load_file(os.path.join(ref, "model.safetensors"))
+    aligned_w = load_file(os.path.join(aligned, "model.safetensors"))
+    for lam, expected in ((0.0, ref_w), (1.0, aligned_w)):
+        out = tmp_path / f"lam{lam}"
+        code, stdout, _ = run(capsys, "interpolate", "--ref", ref, "--aligned", aligned, "--lam", str(lam), "--out", str(out), "--json")
+        assert code == 0 and json.loads(stdout)["out"] == str(out)
+        got = load_file(out / "model.safetensors")
+        assert got.keys() == expected.keys()
+        assert all(torch.equal(got[k], expected[k]) for k in got)
+    out = tmp_path / "half"
+    assert run(capsys, "interpolate", "--ref", ref, "--aligned", aligned, "--lam", "0.5", "--out", str(out))[0] == 0
+    model = AutoModelForCausalLM.from_pretrained(out)  # plain transformers loads it
+    k = "model.layers.0.mlp.down_proj.weight"
+    torch.testing.assert_close(model.state_dict()[k], (ref_w[k] + aligned_w[k]) / 2)

@@ -1,0 +1,218 @@
+"""The mixing core: properties of softmax((1 − Σλ_i)·h_ref + Σ λ_i·h_i) (DeRa Eq. 9, App. B),
+and RELIABILITY.md cases 12–17."""
+
+import math
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from aligndial.mixing import active_sources, check_lam, lam_weights, mix_hidden, mix_logits, mix_weights, mixed_logps
+
+lams = st.floats(min_value=-5, max_value=10, allow_nan=False, allow_infinity=False)
+seeds = st.integers(0, 2**16)
+
+
+def logits(seed, shape=(3, 11), dtype=torch.float32, scale=4.0):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(shape, generator=g) * scale).to(dtype)
+
+
+def reference_logps(ref, aligned, lam):
+    """The formula in float64, with no masking subtleties: for finite inputs only."""
+    mixed = (1 - lam) * ref.double() + lam * aligned.double()
+    return torch.log_softmax(mixed, dim=-1)
+
+
+@settings(max_examples=60, deadline=None)
+@given(seeds, lams)
+def test_matches_float64_formula(seed, lam):
+    ref, aligned = logits(seed), logits(seed + 1)
+    out = mixed_logps(ref, aligned, lam)
+    assert out.dtype == torch.float32
+    torch.testing.assert_close(out.double(), reference_logps(ref, aligned, lam), rtol=1e-5, atol=1e-4)
+
+
+@settings(max_examples=40, deadline=None)
+@given(seeds, st.sampled_from([torch.float32, torch.float16, torch.bfloat16]))
+def test_lam_zero_and_one_are_exact(seed, dtype):
+    ref, aligned = logits(seed, dtype=dtype), logits(seed + 1, dtype=dtype)
+    assert torch.equal(mixed_logps(ref, aligned, 0.0), torch.log_softmax(ref.float(), -1))
+    assert torch.equal(mixed_logps(ref, aligned, 1.0), torch.log_softmax(aligned.float(), -1))
+    # Exact even when the other source has masked tokens or huge values.
+    aligned[:, 0] = float("-inf")
+    assert torch.equal(mix_logits(ref, aligned, 0.0), ref.float())
+
+
+@settings(max_examples=40, deadline=None)
+@given(seeds, st.sampled_from([0.5, 2.0, -1.0, 0.0, 1.0]))
+def test_neg_inf_in_both_sources_is_probability_zero(seed, lam):
+    """Case 12: −inf in both sources → that token has probability 0, and no NaN anywhere."""
+    ref, aligned = logits(seed), logits(seed + 1)
+    ref[:, 3] = aligned[:, 3] = float("-inf")
+    out = mixed_logps(ref, aligned, lam)
+    assert not torch.isnan(out).any()
+    assert torch.isneginf(out[:, 3]).all()
+    assert torch.isfinite(out[:, [0, 1, 2, 4]]).all()
+    assert torch.allclose(out.exp().sum(-1), torch.ones(3))
+
+
+@settings(max_examples=40, deadline=None)
+@given(seeds, st.floats(min_value=-5, max_value=-0.01), st.booleans())
+def test_neg_inf_in_one_source_with_negative_lam(seed, lam, in_ref):
+    """Case 13: −inf in one source with λ < 0 → no +inf, no NaN row; the token stays masked."""
+    ref, aligned = logits(seed), logits(seed + 1)
+    (ref if in_ref else aligned)[0, 5] = float("-inf")
+    mixed = mix_logits(ref, aligned, lam)
+    assert not torch.isposinf(mixed).any() and not torch.isnan(mixed).any()
+    assert torch.isneginf(mixed[0, 5])
+    assert torch.isfinite(mixed_logps(ref, aligned, lam)[0, [0, 1, 2, 3, 4, 6]]).all()
+
+
+@settings(max_examples=30, deadline=None)
+@given(seeds, st.sampled_from([torch.float16, torch.bfloat16]), st.sampled_from([50.0, -50.0, 1e4]))
+def test_half_precision_with_large_lam_is_finite_float32(seed, dtype, lam):
+    """Case 14: the mix is done in float32, so fp16 cannot overflow at λ=50."""
+    ref, aligned = logits(seed, dtype=dtype, scale=1000.0), logits(seed + 1, dtype=dtype, scale=1000.0)
+    out = mixed_logps(ref, aligned, lam)
+    assert out.dtype == torch.float32
+    assert torch.isfinite(out).all()
+
+
+@pytest.mark.parametrize("where", ["ref", "aligned"])
+def test_nan_in_a_source_raises(where):
+    """Case 15: NaN in a model's logits → a clear error, never a silently chosen token."""
+    ref, aligned = logits(0), logits(1)
+    (ref if where == "ref" else aligned)[1, 2] = float("nan")
+    with pytest.raises(ValueError, match="NaN"):
+        mixed_logps(ref, aligned, 0.5)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_non_finite_lam_raises(bad):
+    with pytest.raises(ValueError, match="finite"):
+        mixed_logps(logits(0), logits(1), bad)
+    with pytest.raises(ValueError, match="finite"):
+        mixed_logps(logits(0), logits(1), torch.tensor([0.5, bad, 1.0]))
+    with pytest.raises(ValueError, match="finite"):
+        check_lam(str(bad))
+
+
+def test_check_lam_names_the_value_and_bound():
+    assert check_lam("0.5") == 0.5
+    with pytest.raises(ValueError, match="got 'abc'"):
+        check_lam("abc")
+    with pytest.raises(ValueError, match=r"\[-5, 5\]"):
+        check_lam(7, bound=5)
+    with pytest.raises(ValueError, match="finite"):
+        check_lam("1e400")
+
+
+@settings(max_examples=30, deadline=None)
+@given(seeds, st.lists(lams, min_size=3, max_size=3))
+def test_per_row_lam_equals_each_row_alone(seed, row_lams):
+    ref, aligned = logits(seed), logits(seed + 1)
+    batched = mixed_logps(ref, aligned, torch.tensor(row_lams))
+    for i, lam in enumerate(row_lams):
+        assert torch.equal(batched[i], mixed_logps(ref[i : i + 1], aligned[i : i + 1], lam)[0])
+
+
+@settings(max_examples=30, deadline=None)
+@given(seeds, lams, lams)
+def test_several_aligned_models_follow_appendix_b(seed, lam1, lam2):
+    ref, a1, a2 = logits(seed), logits(seed + 1), logits(seed + 2)
+    out = mixed_logps(ref, [a1, a2], [lam1, lam2])
+    expected = torch.log_softmax((1 - lam1 - lam2) * ref.double() + lam1 * a1.double() + lam2 * a2.double(), -1)
+    torch.testing.assert_close(out.double(), expected, rtol=1e-5, atol=1e-4)
+    # One aligned weight 1 and the others 0 is exactly that model.
+    assert torch.equal(mixed_logps(ref, [a1, a2], [0.0, 1.0]), torch.log_softmax(a2, -1))
+
+
+def test_per_row_lam_with_several_aligned_models():
+    ref, a1, a2 = logits(0, (2, 7)), logits(1, (2, 7)), logits(2, (2, 7))
+    lam = torch.tensor([[0.0, 0.0], [0.3, 0.9]])
+    out = mixed_logps(ref, [a1, a2], lam)
+    assert torch.equal(out[0], torch.log_softmax(ref[0], -1))
+    torch.testing.assert_close(out[1], mixed_logps(ref[1:], [a1[1:], a2[1:]], [0.3, 0.9])[0])
+
+
+def test_extra_axes_broadcast_per_row():
+    """(B, T, V) logits with per-row λ: every position of row b uses λ_b."""
+    ref, aligned = logits(0, (2, 4, 9)), logits(1, (2, 4, 9))
+    out = mixed_logps(ref, aligned, torch.tensor([0.0, 2.0]))
+    assert torch.equal(out[0], torch.log_softmax(ref[0], -1))
+    torch.testing.assert_close(out[1], mixed_logps(ref[1], aligned[1], 2.0))
+
+
+def test_inputs_are_not_modified():
+    ref, aligned = logits(0, dtype=torch.float16), logits(1, dtype=torch.float16)
+    ref[0, 0] = float("-inf")
+    before = ref.clone(), aligned.clone()
+    mixed_logps(ref, aligned, torch.tensor([0.5, -1.0, 3.0]))
+    assert torch.equal(ref, before[0]) and torch.equal(aligned, before[1])
+
+
+def test_everything_masked_raises():
+    ref, aligned = logits(0, (1, 3)), logits(1, (1, 3))
+    ref[0, :2] = float("-inf")
+    aligned[0, 2] = float("-inf")
+    with pytest.raises(ValueError, match="every token is masked"):
+        mix_logits(ref, aligned, 0.5)
+
+
+@pytest.mark.parametrize(
+    "lam, n_aligned, match",
+    [
+        (0.5, 2, "needs 2 weights"),
+        ([0.5], 2, "one number per aligned model"),
+        (torch.zeros(5), 1, "one row per batch element"),
+        ("0.5", 1, "must be a number"),
+    ],
+)
+def test_lam_forms_are_validated(lam, n_aligned, match):
+    with pytest.raises((ValueError, TypeError), match=match):
+        lam_weights(lam, 3, n_aligned)
+
+
+def test_active_sources_is_the_fast_path():
+    assert active_sources(lam_weights(0.0, 2)) == [True, False]
+    assert active_sources(lam_weights(1.0, 2)) == [False, True]
+    assert active_sources(lam_weights(torch.tensor([0.0, 1.0]), 2)) == [True, True]
+    assert active_sources(lam_weights([0.0, 1.0], 1, 2)) == [False, False, True]
+
+
+@settings(max_examples=30, deadline=None)
+@given(seeds, lams, st.integers(1, 5), st.floats(0.05, 1.0))
+def test_top_k_top_p_after_mixing_keep_a_token(seed, lam, k, p):
+    """Case 16: transformers' top-k / top-p warpers on mixed scores keep ≥ 1 finite token, and
+    top_k=1 keeps exactly the greedy choice."""
+    from transformers.generation.logits_process import TopKLogitsWarper, TopPLogitsWarper
+
+    ref, aligned = logits(seed), logits(seed + 1)
+    ref[:, :4] = float("-inf")
+    scores = mix_logits(ref, aligned, lam)
+    ids = torch.zeros(3, 1, dtype=torch.long)
+    kept = TopPLogitsWarper(p)(ids, TopKLogitsWarper(k)(ids, scores))
+    assert (torch.isfinite(kept).sum(-1) >= 1).all()
+    top1 = TopKLogitsWarper(1)(ids, scores)
+    assert torch.equal(top1.argmax(-1), scores.argmax(-1))
+    assert (torch.isfinite(top1).sum(-1) == 1).all()
+
+
+def test_mix_hidden_keeps_dtype_and_is_exact_at_ends():
+    ref, aligned = logits(0, (2, 3, 8), torch.bfloat16), logits(1, (2, 3, 8), torch.bfloat16)
+    assert mix_hidden(ref, aligned, 0.5).dtype == torch.bfloat16
+    assert torch.equal(mix_hidden(ref, aligned, torch.tensor([0.0, 1.0]))[0], ref[0])
+    assert torch.equal(mix_hidden(ref, aligned, torch.tensor([0.0, 1.0]))[1], aligned[1])
+
+
+@settings(max_examples=20, deadline=None)
+@given(seeds, lams)
+def test_mix_weights(seed, lam):
+    ref, aligned = logits(seed, (4, 5)), logits(seed + 1, (4, 5))
+    assert torch.equal(mix_weights(ref, [aligned], [0.0]), ref)
+    assert torch.equal(mix_weights(ref, [aligned], [1.0]), aligned)
+    expected = ref.double() + lam * (aligned.double() - ref.double())
+    assert torch.allclose(mix_weights(ref, [aligned], [lam]).double(), expected, atol=1e-4 * max(1, abs(lam)))
+    assert math.isfinite(mix_weights(ref, [aligned], [lam]).sum().item())
