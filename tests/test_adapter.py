@@ -2,12 +2,11 @@
 
 Oracle: the base model itself. An identity adapter must reproduce its logits and its cached greedy
 tokens; a merged adapter must reload with plain transformers and reproduce the adapted model.
+`tok` (the offline tokenizer) and HF_HUB_OFFLINE come from conftest.py.
 """
 
 import os
 import pickle
-
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import pytest
 import torch
@@ -30,11 +29,6 @@ from aligndial.adapter import (
 )
 
 PROMPTS = ["Hello, how are", "The quick brown fox jumps over the"]
-
-
-@pytest.fixture(scope="module")
-def tok():
-    return tiny.build_tokenizer()
 
 
 @pytest.fixture(scope="module")
@@ -99,10 +93,11 @@ def test_copy_and_kaiming_change_outputs_kaiming_is_seeded(tok, batch):
 def test_lora_identity_then_merge_roundtrip(arch, tok, batch, tmp_path):
     """LoRA with B=0 is exact; after moving B, merge + save_pretrained + from_pretrained reproduces it.
 
-    float64: folding B·A into the weight reassociates sums, which in fp32 moves logits of size ~6 by
-    ~3e-5 through the stack. In float64 that rounding is far below 1e-5, so the check is on the maths.
+    Folding B·A into the weight reassociates fp32 sums; through these random stacks that moves logits
+    of size ~6 by up to ~4e-5 (measured on all 14), hence atol 1e-4 there. A wrong merge moves them
+    by ~1-10. Saving and reloading the merged model must then change nothing at all.
     """
-    model = tiny.build_model(arch, tok, dtype=torch.float64)
+    model = tiny.build_model(arch, tok)
     base_logits = logits(model, batch)
     cfg = insert_adapter(model, lora_rank=4)
     assert cfg.lora_alpha == 4.0
@@ -114,20 +109,20 @@ def test_lora_identity_then_merge_roundtrip(arch, tok, batch, tmp_path):
         for name, p in adapter_parameters(model):
             assert name.endswith((".lora_A", ".lora_B"))
             if name.endswith(".lora_B"):
-                p.add_(torch.randn(p.shape, generator=gen, dtype=p.dtype) * 0.5)
+                p.add_(torch.randn(p.shape, generator=gen) * 0.5)
     adapted_logits, adapted_tokens = logits(model, batch), greedy(model, batch)
     assert not torch.allclose(adapted_logits, base_logits, atol=1e-3)
 
     merged = merge_adapter(model)
     assert not hasattr(merged, "aligndial_adapter")
     assert not any(isinstance(m, LoRALinear) for m in merged.modules())
-    torch.testing.assert_close(logits(merged, batch), adapted_logits, atol=1e-5, rtol=0)
+    merged_logits = logits(merged, batch)
+    torch.testing.assert_close(merged_logits, adapted_logits, atol=1e-4, rtol=0)
 
     merged.save_pretrained(tmp_path)
     reloaded = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
-    assert reloaded.dtype == torch.float64
     assert reloaded.config.num_hidden_layers == len(decoder_layers(reloaded)) == 3
-    torch.testing.assert_close(logits(reloaded, batch), adapted_logits, atol=1e-5, rtol=0)
+    assert torch.equal(logits(reloaded, batch), merged_logits)
     assert torch.equal(greedy(reloaded, batch), adapted_tokens)
 
 
@@ -196,6 +191,19 @@ def test_save_load_roundtrip_and_overwrite(saved, tok, batch):
     again = tiny.build_model("llama", tok)
     load_adapter(again, out)
     assert torch.equal(logits(again, batch), adapted_logits)
+
+
+def test_save_load_full_layers_gpt2(tok, batch, tmp_path):
+    """Plain (non-LoRA) form, two layers, GPT-2's transposed Conv1D with kaiming projections."""
+    model = tiny.build_model("gpt2", tok)
+    insert_adapter(model, num_layers=2, init="kaiming", seed=5)
+    keys = load_file(save_adapter(model, tmp_path / "a") / "adapter_model.safetensors").keys()
+    assert {"layers.0.attn.c_proj.weight", "layers.1.mlp.c_proj.bias"} <= keys
+    assert not any(k.startswith("layers.2.") for k in keys)
+    fresh = tiny.build_model("gpt2", tok)
+    load_adapter(fresh, tmp_path / "a")
+    assert fresh.config.n_layer == 4
+    assert torch.equal(logits(fresh, batch), logits(model, batch))
 
 
 def assert_unchanged(model, batch, base_logits, layers=2):

@@ -114,3 +114,33 @@ def test_interpolate_endpoints_are_exact(capsys, tmp_path, model_dirs):
     model = AutoModelForCausalLM.from_pretrained(out)  # plain transformers loads it
     k = "model.layers.0.mlp.down_proj.weight"
     torch.testing.assert_close(model.state_dict()[k], (ref_w[k] + aligned_w[k]) / 2)
+
+
+def test_adapter_init_merge_and_generate(capsys, tmp_path, model_dirs, tok):
+    base = model_dirs["llama"][0]
+    adapter = tmp_path / "adapter"
+    code, out, _ = run(capsys, "adapter", "init", "--model", base, "--out", str(adapter), "--json")
+    assert code == 0 and json.loads(out)["init"] == "identity"
+    assert sorted(os.listdir(adapter)) == ["adapter_config.json", "adapter_model.safetensors"]
+    merged = tmp_path / "merged"
+    code, out, _ = run(capsys, "adapter", "merge", "--model", base, "--adapter", str(adapter), "--out", str(merged), "--json")
+    assert code == 0 and json.loads(out)["num_hidden_layers"] == 3
+    assert AutoModelForCausalLM.from_pretrained(merged).config.num_hidden_layers == 3
+    # An identity adapter: every λ gives the base model's tokens; plain `--model` is the comparison.
+    code, out, _ = run(capsys, "generate", "--model", base, "--adapter", str(adapter), "--lam", "0", "--lam", "2",
+                       "--prompt", "Hello", "--max-new-tokens", "5", "--json")
+    rows = [json.loads(line) for line in out.splitlines()]
+    code, plain_out, _ = run(capsys, "generate", "--model", base, "--prompt", "Hello", "--max-new-tokens", "5", "--json")
+    assert code == 0 and [r["lam"] for r in rows] == [0.0, 2.0]
+    assert rows[0]["token_ids"] == rows[1]["token_ids"] == json.loads(plain_out)["token_ids"]
+    # An fp32 adapter serves on a bf16 load of the same base.
+    code, out, _ = run(capsys, "generate", "--model", base, "--adapter", str(adapter), "--lam", "0.5", "--dtype", "bfloat16",
+                       "--prompt", "Hello", "--max-new-tokens", "3", "--json")
+    assert code == 0 and json.loads(out)["lam"] == 0.5
+
+
+def test_adapter_on_wrong_base_is_a_clear_error(capsys, tmp_path, model_dirs):
+    adapter = tmp_path / "adapter"
+    assert run(capsys, "adapter", "init", "--model", model_dirs["llama"][0], "--out", str(adapter))[0] == 0
+    code, _, err = run(capsys, "generate", "--model", model_dirs["qwen2"][0], "--adapter", str(adapter), "--prompt", "Hi")
+    assert code == 2 and "architecture 'llama'" in err

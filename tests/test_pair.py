@@ -8,7 +8,7 @@ import torch
 from transformers import AutoModelForCausalLM, StoppingCriteria, StoppingCriteriaList, TextIteratorStreamer
 
 from aligndial.pair import RealignedPair, check_tokenizers
-from aligndial.tiny import build_model, build_tokenizer, save
+from aligndial.tiny import EOS_ID, build_model, build_tokenizer, save
 
 ARCHS = ["llama", "qwen2", "gpt2"]
 
@@ -47,6 +47,8 @@ def float64_greedy(ref, aligned, input_ids, lam, steps):
             h_aligned = aligned(ids).logits[:, -1].double()
         nxt = ((1 - lam) * h_ref + lam * h_aligned).argmax(-1, keepdim=True)
         ids = torch.cat([ids, nxt], dim=-1)
+        if ids[0, -1] == EOS_ID:  # generate stops at EOS too
+            break
     return ids[:, input_ids.shape[1] :]
 
 

@@ -91,12 +91,13 @@ def decoder_layers(model) -> nn.ModuleList:
 
 
 def fingerprint(model) -> str:
-    """sha256 over the sorted (name, shape, dtype) of the parameters: which base an adapter fits.
+    """sha256 over the sorted (name, shape) of the parameters: which base an adapter fits.
 
-    Shapes, not values: it tells a Qwen-0.5B from a Llama-8B (or a bf16 load from an fp32 one) without
-    hashing gigabytes, and without refusing a base that was merely re-saved.
+    Shapes, not values: it tells a Qwen-0.5B from a Llama-8B without hashing gigabytes, and without
+    refusing a base that was merely re-saved. Not dtypes: an adapter trained in fp32 serves on a
+    bf16 base (its weights are cast on load).
     """
-    rows = sorted((name, list(p.shape), str(p.dtype)) for name, p in model.named_parameters())
+    rows = sorted((name, list(p.shape)) for name, p in model.named_parameters())
     return hashlib.sha256(json.dumps(rows).encode()).hexdigest()
 
 
@@ -196,7 +197,10 @@ def _check_insertable(model, init: str) -> None:
     if config.model_type == "gpt2" and config.scale_attn_by_inverse_layer_idx:
         # GPT-2 fixes each attention's scale to 1/(layer_idx+1) at construction time: after shifting
         # the layers, a reloaded model would rescale every base layer and no longer be the base.
-        raise ValueError("gpt2 with scale_attn_by_inverse_layer_idx=True cannot take inserted layers")
+        raise ValueError(
+            "gpt2 with scale_attn_by_inverse_layer_idx=True cannot take inserted layers; "
+            "use a checkpoint with scale_attn_by_inverse_layer_idx=False (the GPT-2 default)"
+        )
     if init == "identity" and config.model_type == "opt" and not config.do_layer_norm_before:
         # Post-LayerNorm OPT (350m) normalises the residual after each block: a zeroed layer is not an identity.
         raise ValueError(
@@ -411,8 +415,8 @@ def load_adapter(model, adapter_dir: str | Path, allow_pickle: bool = False) -> 
     if (found := fingerprint(model)) != cfg.base_fingerprint:
         raise ValueError(
             f"adapter in {adapter_dir} was built on base fingerprint {cfg.base_fingerprint[:16]}… "
-            f"({cfg.base_model!r}) but this model's is {found[:16]}…: parameter names, shapes or dtypes "
-            f"differ. Load the same base checkpoint, in the same dtype, that the adapter was trained on"
+            f"({cfg.base_model!r}) but this model's is {found[:16]}…: parameter names or shapes "
+            f"differ. Load the same base checkpoint that the adapter was trained on"
         )
     tensors = _read_weights(adapter_dir, allow_pickle)
     layers = _build_layers(model, cfg, seed=0)

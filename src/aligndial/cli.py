@@ -114,6 +114,32 @@ def cmd_interpolate(args) -> int:
     return 0
 
 
+def cmd_adapter_init(args) -> int:
+    from aligndial.adapter import insert_adapter, save_adapter
+    from aligndial.loading import load_causal_lm
+
+    model = load_causal_lm(args.model, args.dtype, trust_remote_code=args.trust_remote_code)
+    cfg = insert_adapter(model, args.num_layers, args.init, args.lora_rank, seed=args.seed, base_model=args.model)
+    out = save_adapter(model, args.out)
+    _report(args, {"out": str(out), "num_layers": cfg.num_layers, "init": cfg.init, "lora_rank": cfg.lora_rank},
+            f"wrote a {cfg.init} {cfg.num_layers}-layer adapter for {args.model} to {out}")
+    return 0
+
+
+def cmd_adapter_merge(args) -> int:
+    from aligndial.adapter import load_adapter, merge_adapter
+    from aligndial.loading import load_causal_lm, load_tokenizer
+
+    model = load_causal_lm(args.model, args.dtype, trust_remote_code=args.trust_remote_code)
+    cfg = load_adapter(model, args.adapter)
+    merge_adapter(model).save_pretrained(args.out)
+    load_tokenizer(args.model, args.trust_remote_code).save_pretrained(args.out)
+    layers = model.config.num_hidden_layers
+    _report(args, {"out": args.out, "num_hidden_layers": layers},
+            f"wrote {args.out}: a plain model with {layers} layers ({cfg.num_layers} from the adapter), equal to λ=1")
+    return 0
+
+
 def cmd_demo(args) -> int:
     raise SystemExit(
         "aligndial demo: the embedded demo models have not been built yet (issue: the embedded demo). "
@@ -166,6 +192,25 @@ def make_parser() -> argparse.ArgumentParser:
     i.add_argument("--trust-remote-code", action="store_true")
     i.add_argument("--json", action="store_true")
     i.set_defaults(func=cmd_interpolate)
+
+    a = sub.add_parser("adapter", help="layer adapters (CLM / InRa)").add_subparsers(dest="adapter_verb", required=True)
+    ai = a.add_parser("init", help="insert an adapter into a model and save it (adapter files only)")
+    ai.add_argument("--model", required=True)
+    ai.add_argument("--out", required=True)
+    ai.add_argument("--num-layers", type=int, default=1)
+    ai.add_argument("--init", choices=["identity", "kaiming", "copy"], default="identity")
+    ai.add_argument("--lora-rank", type=int, default=None, help="train the adapter layer as LoRA deltas (FR §3.2)")
+    ai.add_argument("--seed", type=int, default=0)
+    am = a.add_parser("merge", help="write a plain HF model with the adapter built in (equal to λ=1)")
+    am.add_argument("--model", required=True)
+    am.add_argument("--adapter", required=True)
+    am.add_argument("--out", required=True)
+    for p in (ai, am):
+        p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None)
+        p.add_argument("--trust-remote-code", action="store_true")
+        p.add_argument("--json", action="store_true")
+    ai.set_defaults(func=cmd_adapter_init)
+    am.set_defaults(func=cmd_adapter_merge)
 
     d = sub.add_parser("demo", help="the embedded demo: alignment strength as a dial on tiny models")
     d.set_defaults(func=cmd_demo)

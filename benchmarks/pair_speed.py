@@ -1,0 +1,41 @@
+"""DeRa pair decode speed ÷ one model's, at batch 1, fp32 and bf16, on a ~58M Llama.
+
+    python benchmarks/pair_speed.py [--json]
+
+Goals (issue 2): mixed λ ≥ 0.45 in fp32 (nothing beyond the second model's cost);
+λ ∈ {0, 1} fast path ≥ 0.95.
+"""
+
+import argparse
+import json
+
+import torch
+
+from aligndial.pair import RealignedPair
+from common import decode_tokens_per_second, llama_50m, prompt_ids, table
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--json", action="store_true")
+    args = parser.parse_args()
+    torch.set_num_threads(2)
+    ids = prompt_ids()
+    results = []
+    for dtype in (torch.float32, torch.bfloat16):
+        ref, aligned = llama_50m(0, dtype), llama_50m(1, dtype)
+        pair = RealignedPair(ref, [aligned]).eval()
+        single = decode_tokens_per_second(ref.generate, ids)
+        for lam in (0.5, 0.0, 1.0):
+            tps = decode_tokens_per_second(lambda x, **kw: pair.generate(x, lam=lam, **kw), ids)
+            results.append({"dtype": str(dtype).removeprefix("torch."), "lam": lam, "single_tok_s": round(single, 1),
+                            "pair_tok_s": round(tps, 1), "ratio": round(tps / single, 3)})
+    if args.json:
+        print(json.dumps(results))
+    else:
+        print("DeRa pair decode speed ÷ single model (batch 1, 128 new tokens, median of 3)")
+        print(table([tuple(r.values()) for r in results], tuple(results[0])))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,168 @@
+"""Base model + layer adapter, both paths in ONE forward of 2B rows (CLM / InRa inference).
+
+Rows [0, B) are the base path and rows [B, 2B) the aligned path. The adapter layers sit at
+decoder indices 0..n−1; they are routed so that they transform only the aligned rows, and
+every shared layer (n..L+n−1) processes all 2B rows in one batched call. Then:
+
+- if the head is a shared linear map with no logit soft-capping, the final hidden states are
+  mixed and the head runs once on B rows: W(Σ w_i·x_i) + b = Σ w_i·(W x_i + b) because the
+  weights sum to one, so this is the logit mix of CLM Eq. 3 / DeRa Eq. 9, at the cost of one
+  head;
+- otherwise (Gemma2/3 soft-capping) the full model runs on 2B rows and the logits are mixed.
+
+Both mixes go through `aligndial.mixing`. Fast paths: λ=0 in every row skips the adapter
+(plain base cost), λ=1 runs only the adapter path on B rows (exactly the merged model).
+"""
+
+from __future__ import annotations
+
+import torch
+from transformers import DynamicCache
+from transformers.modeling_outputs import CausalLMOutputWithPast
+
+from aligndial.adapter import decoder_layers, load_adapter
+from aligndial.generation import MixedLM
+from aligndial.mixing import LamLike, mix_hidden, mix_logits
+
+# Decoder layers that return (hidden_states, attn_weights) instead of a tensor (transformers 5.x).
+_TUPLE_LAYERS = {"falcon"}
+
+
+class _Router:
+    """Which rows the adapter layers transform in the current forward."""
+
+    def __init__(self):
+        self.mode = "all"  # "all" rows, "skip" the adapter, or "dual": only rows [batch, 2·batch)
+        self.batch = 0
+
+
+def _aligned_rows(x, batch: int):
+    """The aligned half of every per-row argument (tensors with 2B rows, and tuples of them)."""
+    if isinstance(x, torch.Tensor) and x.ndim > 0 and x.shape[0] == 2 * batch:
+        return x[batch:]
+    if isinstance(x, tuple):
+        return tuple(_aligned_rows(v, batch) for v in x)
+    return x
+
+
+def _routed(layer_forward, router: _Router, returns_tuple: bool):
+    def forward(hidden_states, *args, **kwargs):
+        if router.mode == "all":
+            return layer_forward(hidden_states, *args, **kwargs)
+        if router.mode == "skip":
+            return (hidden_states, None) if returns_tuple else hidden_states
+        b = router.batch
+        out = layer_forward(
+            hidden_states[b:],
+            *(_aligned_rows(a, b) for a in args),
+            **{k: _aligned_rows(v, b) for k, v in kwargs.items()},
+        )
+        h = torch.cat([hidden_states[:b], out[0] if returns_tuple else out], dim=0)
+        return (h, *out[1:]) if returns_tuple else h
+
+    return forward
+
+
+class DualPathCache(DynamicCache):
+    """A DynamicCache whose first n layers (the adapter) may hold only the aligned rows, or
+    nothing at all on the λ=0 path. Lengths and mask sizes are read from the first shared layer,
+    which always runs; beam reordering maps beam indices onto both halves of a 2B-row layer."""
+
+    def __init__(self, config, n_adapter: int):
+        super().__init__(config=config)
+        self.n_adapter = n_adapter
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return super().get_seq_length(max(layer_idx, self.n_adapter))
+
+    def get_mask_sizes(self, query_length: int, layer_idx: int) -> tuple[int, int]:
+        return super().get_mask_sizes(query_length, max(layer_idx, self.n_adapter))
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        n = beam_idx.shape[0]
+        both = torch.cat([beam_idx, beam_idx + n])
+        for layer in self.layers:
+            keys = getattr(layer, "keys", None)
+            if keys is None or keys.numel() == 0:
+                continue
+            layer.reorder_cache(both if keys.shape[0] == 2 * n else beam_idx)
+
+
+class DualPathModel(MixedLM):
+    """A causal LM with a layer adapter, generating at any λ (per call or per row).
+
+    >>> model = DualPathModel.from_adapter(AutoModelForCausalLM.from_pretrained(base), "adapter/")
+    >>> model.generate(**enc, lam=torch.tensor([0.0, 0.5, 2.0]), max_new_tokens=32)
+    """
+
+    def __init__(self, model):
+        cfg = getattr(model, "aligndial_adapter", None)
+        if cfg is None:
+            raise ValueError("the model has no layer adapter; use `insert_adapter` or `DualPathModel.from_adapter`")
+        super().__init__(model.config)
+        self.base = model
+        self.n_adapter = cfg.num_layers
+        self.generation_config = model.generation_config
+        self._router = _Router()
+        returns_tuple = model.config.model_type in _TUPLE_LAYERS
+        for layer in list(decoder_layers(model))[: self.n_adapter]:
+            if "forward" not in layer.__dict__:  # route once, even if wrapped twice
+                layer.forward = _routed(layer.forward, self._router, returns_tuple)
+        # Mixing hidden states before the head is exact only for a plain linear head.
+        self.mix_before_head = getattr(model.config, "final_logit_softcapping", None) is None and isinstance(
+            model.get_output_embeddings(), torch.nn.Linear
+        )
+
+    @classmethod
+    def from_adapter(cls, model, adapter_dir: str, allow_pickle: bool = False) -> "DualPathModel":
+        load_adapter(model, adapter_dir, allow_pickle=allow_pickle)
+        return cls(model).eval()
+
+    def new_cache(self) -> DualPathCache:
+        return DualPathCache(self.base.config, self.n_adapter)
+
+    def prepare_inputs_for_generation(self, input_ids, lam=None, **kwargs):
+        inputs = self.base.prepare_inputs_for_generation(input_ids, **kwargs)
+        inputs["lam"] = lam
+        return inputs
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        past_key_values: DualPathCache | None = None,
+        lam: LamLike | None = None,
+        logits_to_keep: int = 0,
+        use_cache: bool | None = None,
+        return_dict: bool = True,
+        **kwargs,
+    ) -> CausalLMOutputWithPast:
+        b = input_ids.shape[0]
+        lam = self.resolve_lam(lam, b)
+        if past_key_values is None and use_cache:
+            past_key_values = self.new_cache()
+        inputs = dict(attention_mask=attention_mask, position_ids=position_ids, past_key_values=past_key_values,
+                      use_cache=use_cache, **kwargs)
+        if (lam == 0).all() or (lam == 1).all():
+            self._router.mode = "skip" if (lam == 0).all() else "all"
+            try:
+                out = self.base(input_ids=input_ids, logits_to_keep=logits_to_keep, **inputs)
+            finally:
+                self._router.mode = "all"
+            return CausalLMOutputWithPast(logits=out.logits, past_key_values=past_key_values)
+
+        doubled = {k: torch.cat([v, v]) if isinstance(v, torch.Tensor) and v.shape[0] == b else v for k, v in inputs.items()}
+        self._router.mode, self._router.batch = "dual", b
+        try:
+            if self.mix_before_head:
+                hidden = self.base.base_model(input_ids=torch.cat([input_ids, input_ids]), **doubled).last_hidden_state
+                if logits_to_keep:
+                    hidden = hidden[:, -logits_to_keep:]
+                logits = self.base.get_output_embeddings()(mix_hidden(hidden[:b], hidden[b:], lam.to(hidden.device)))
+            else:
+                both = self.base(input_ids=torch.cat([input_ids, input_ids]), logits_to_keep=logits_to_keep, **doubled).logits
+                logits = mix_logits(both[:b], both[b:], lam.to(both.device))
+        finally:
+            self._router.mode = "all"
+        return CausalLMOutputWithPast(logits=logits, past_key_values=past_key_values)

@@ -1,0 +1,143 @@
+"""The dual-path adapter model: λ=0 is the base model, λ=1 is plain transformers on the merged
+model, other λ match a float64 step-by-step reference, and both paths share one 2B-row batch."""
+
+import copy
+import threading
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, TextIteratorStreamer
+
+from aligndial.adapter import decoder_layers, insert_adapter, merge_adapter, save_adapter
+from aligndial.dualpath import DualPathModel
+from aligndial.tiny import EOS_ID, build_model, save
+
+ARCHS = ["llama", "qwen2", "gpt2", "falcon", "gemma2", "opt"]
+
+
+def perturbed(arch, tok, num_layers=1):
+    """A base model with a non-zero adapter (what training would produce)."""
+    model = build_model(arch, tok, seed=0)
+    insert_adapter(model, num_layers=num_layers, init="identity")
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for layer in list(decoder_layers(model))[:num_layers]:
+            for p in layer.parameters():
+                p.add_(torch.randn(p.shape, generator=g) * 0.3)
+    return model
+
+
+@pytest.fixture(scope="module", params=ARCHS)
+def setup(request, tok, tmp_path_factory):
+    arch = request.param
+    model = perturbed(arch, tok)
+    merged_dir = save(merge_adapter(copy.deepcopy(model)), tok, tmp_path_factory.mktemp(arch) / "merged")
+    merged = AutoModelForCausalLM.from_pretrained(merged_dir).eval()  # plain transformers, no aligndial
+    base = build_model(arch, tok, seed=0)
+    return DualPathModel(model), base, merged
+
+
+def new_tokens(out, enc):
+    return out[:, enc["input_ids"].shape[1] :]
+
+
+@pytest.mark.parametrize("num_beams", [1, 3])
+def test_oracle_base_and_merged(setup, tok, prompts, num_beams):
+    dual, base, merged = setup
+    enc = tok(prompts, return_tensors="pt", padding=True)
+    kw = dict(max_new_tokens=10, do_sample=False, num_beams=num_beams)
+    assert torch.equal(dual.generate(**enc, lam=0.0, **kw), base.generate(**enc, **kw))
+    assert torch.equal(dual.generate(**enc, lam=1.0, **kw), merged.generate(**enc, **kw))
+
+
+def float64_greedy(base, merged, input_ids, lam, steps):
+    ids = input_ids
+    for _ in range(steps):
+        with torch.no_grad():
+            h_ref, h_aligned = base(ids).logits[:, -1].double(), merged(ids).logits[:, -1].double()
+        ids = torch.cat([ids, ((1 - lam) * h_ref + lam * h_aligned).argmax(-1, keepdim=True)], dim=-1)
+        if ids[0, -1] == EOS_ID:  # generate stops at EOS too
+            break
+    return ids[:, input_ids.shape[1] :]
+
+
+@pytest.mark.parametrize("lam", [0.5, 2.0, -1.0])
+def test_matches_float64_reference(setup, tok, prompts, lam):
+    dual, base, merged = setup
+    for prompt in prompts:
+        enc = tok([prompt], return_tensors="pt")
+        got = new_tokens(dual.generate(**enc, lam=lam, max_new_tokens=10, do_sample=False), enc)
+        assert torch.equal(got, float64_greedy(base, merged, enc["input_ids"], lam, 10)), prompt
+
+
+def test_per_row_lam_equals_each_row_alone(setup, tok, prompts):
+    dual, _, _ = setup
+    lams = [0.0, 0.5, 2.0]
+    enc = tok(prompts, return_tensors="pt", padding=True)
+    batched = new_tokens(dual.generate(**enc, lam=torch.tensor(lams), max_new_tokens=10, do_sample=False), enc)
+    for i, (prompt, lam) in enumerate(zip(prompts, lams)):
+        one = tok([prompt], return_tensors="pt")
+        alone = new_tokens(dual.generate(**one, lam=lam, max_new_tokens=10, do_sample=False), one)
+        assert batched[i].tolist() == alone[0].tolist(), f"row {i} λ={lam}"
+
+
+def test_one_forward_of_2b_rows_and_fast_paths(tok):
+    """Mixed λ: every shared layer sees 2B rows once per step and the adapter B rows.
+    λ=0: the adapter never runs. λ=1: everything runs on B rows."""
+    dual = DualPathModel(perturbed("llama", tok))
+    layers = list(decoder_layers(dual.base))
+    seen = {"adapter": [], "shared": []}
+    layers[0].self_attn.register_forward_pre_hook(lambda m, a, kw: seen["adapter"].append(kw["hidden_states"].shape[0]), with_kwargs=True)
+    layers[1].register_forward_pre_hook(lambda m, a: seen["shared"].append(a[0].shape[0]))
+    enc = tok(["Hello", "The quick brown fox"], return_tensors="pt", padding=True)
+    for lam, adapter_rows, shared_rows in ((0.5, [2] * 5, [4] * 5), (0.0, [], [2] * 5), (1.0, [2] * 5, [2] * 5)):
+        seen["adapter"].clear(), seen["shared"].clear()
+        dual.generate(**enc, lam=lam, max_new_tokens=5, min_new_tokens=5, do_sample=False)
+        assert seen == {"adapter": adapter_rows, "shared": shared_rows}, lam
+
+
+def test_hidden_mix_for_linear_heads_and_logit_mix_for_softcapping(tok):
+    assert DualPathModel(perturbed("llama", tok)).mix_before_head
+    gemma2 = perturbed("gemma2", tok)
+    assert gemma2.config.final_logit_softcapping is not None
+    assert not DualPathModel(gemma2).mix_before_head
+
+
+def test_direct_forward_equals_logit_mix(setup, tok):
+    dual, base, merged = setup
+    ids = tok(["Hello there friend"], return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        got = dual(ids, lam=0.3).logits
+        expected = 0.7 * base(ids).logits.double() + 0.3 * merged(ids).logits.double()
+    torch.testing.assert_close(got.double(), expected, rtol=1e-4, atol=1e-4)
+
+
+def test_two_adapter_layers_and_streaming(tok):
+    dual = DualPathModel(perturbed("qwen2", tok, num_layers=2))
+    enc = tok(["The quick brown fox"], return_tensors="pt")
+    full = dual.generate(**enc, lam=0.5, max_new_tokens=8, do_sample=False)
+    streamer = TextIteratorStreamer(tok, skip_prompt=True)
+    t = threading.Thread(target=dual.generate, kwargs=dict(**enc, lam=0.5, max_new_tokens=8, streamer=streamer))
+    t.start()
+    text = "".join(streamer)
+    t.join()
+    assert text == tok.decode(new_tokens(full, enc)[0], skip_special_tokens=True)
+
+
+def test_identity_adapter_is_the_base_model_at_every_lam(tok, prompts):
+    model = build_model("llama", tok, seed=0)
+    insert_adapter(model)
+    dual, base = DualPathModel(model), build_model("llama", tok, seed=0)
+    enc = tok(prompts, return_tensors="pt", padding=True)
+    expected = base.generate(**enc, max_new_tokens=8, do_sample=False)
+    for lam in (0.0, 0.5, 3.0, torch.tensor([0.0, -1.0, 2.0])):
+        assert torch.equal(dual.generate(**enc, lam=lam, max_new_tokens=8, do_sample=False), expected)
+
+
+def test_from_adapter_directory(tmp_path, tok):
+    model = perturbed("llama", tok)
+    save_adapter(model, tmp_path / "adapter")
+    dual = DualPathModel.from_adapter(build_model("llama", tok, seed=0), str(tmp_path / "adapter"))
+    enc = tok(["Hello"], return_tensors="pt")
+    expected = DualPathModel(model).generate(**enc, lam=0.5, max_new_tokens=6, do_sample=False)
+    assert torch.equal(dual.generate(**enc, lam=0.5, max_new_tokens=6, do_sample=False), expected)
