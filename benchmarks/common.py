@@ -1,6 +1,6 @@
 """Shared pieces for the benchmarks: a ~58M-parameter Llama built from a config (vocab 32k,
-as in ENVIRONMENT.md's speed facts) and a decode-speed timer. Ratios are measured side by
-side in one run, so machine noise affects both sides alike."""
+as in ENVIRONMENT.md's speed facts) and a decode-speed comparison. Ratios are measured side by
+side in one run, alternating the two sides, so machine noise affects both alike."""
 
 from __future__ import annotations
 
@@ -30,18 +30,24 @@ def prompt_ids(batch: int = 1, length: int = 16, seed: int = 0) -> torch.Tensor:
     return torch.randint(10, 32000, (batch, length), generator=g)
 
 
-def decode_tokens_per_second(generate, ids: torch.Tensor, repeats: int = 3, **kwargs) -> float:
-    """Median tokens/s of `generate(ids, ...)` producing exactly NEW_TOKENS per row."""
-    kw = dict(max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS, do_sample=False, pad_token_id=0, **kwargs)
-    with torch.no_grad():
-        generate(ids, max_new_tokens=4, do_sample=False, pad_token_id=0)  # warm-up
-        times = []
-        for _ in range(repeats):
-            start = time.perf_counter()
-            out = generate(ids, **kw)
-            times.append(time.perf_counter() - start)
+def _timed(generate, ids, **kw) -> float:
+    start = time.perf_counter()
+    out = generate(ids, max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS, do_sample=False, pad_token_id=0, **kw)
+    elapsed = time.perf_counter() - start
     assert out.shape[1] - ids.shape[1] == NEW_TOKENS
-    return ids.shape[0] * NEW_TOKENS / statistics.median(times)
+    return ids.shape[0] * NEW_TOKENS / elapsed
+
+
+def compare_speed(baseline, candidate, ids: torch.Tensor, repeats: int = 5) -> tuple[float, float, float]:
+    """Decode tokens/s of `baseline` and `candidate` (generate-like callables), run alternately
+    so that load on the machine hits both alike. Returns (median baseline tok/s, median
+    candidate tok/s, median of the per-round ratios candidate ÷ baseline)."""
+    with torch.no_grad():
+        for fn in (baseline, candidate):  # warm-up
+            fn(ids, max_new_tokens=4, do_sample=False, pad_token_id=0)
+        pairs = [(_timed(baseline, ids), _timed(candidate, ids)) for _ in range(repeats)]
+    base, cand = zip(*pairs)
+    return statistics.median(base), statistics.median(cand), statistics.median(c / b for b, c in pairs)
 
 
 def table(rows: list[tuple], header: tuple) -> str:

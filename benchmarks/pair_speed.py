@@ -12,7 +12,7 @@ import json
 import torch
 
 from aligndial.pair import RealignedPair
-from common import decode_tokens_per_second, llama_50m, prompt_ids, table
+from common import compare_speed, llama_50m, prompt_ids, table
 
 
 def main():
@@ -25,15 +25,14 @@ def main():
     for dtype in (torch.float32, torch.bfloat16):
         ref, aligned = llama_50m(0, dtype), llama_50m(1, dtype)
         pair = RealignedPair(ref, [aligned]).eval()
-        single = decode_tokens_per_second(ref.generate, ids)
         for lam in (0.5, 0.0, 1.0):
-            tps = decode_tokens_per_second(lambda x, **kw: pair.generate(x, lam=lam, **kw), ids)
+            single, tps, ratio = compare_speed(ref.generate, lambda x, lam=lam, **kw: pair.generate(x, lam=lam, **kw), ids)
             results.append({"dtype": str(dtype).removeprefix("torch."), "lam": lam, "single_tok_s": round(single, 1),
-                            "pair_tok_s": round(tps, 1), "ratio": round(tps / single, 3)})
+                            "pair_tok_s": round(tps, 1), "ratio": round(ratio, 3)})
     if args.json:
         print(json.dumps(results))
     else:
-        print("DeRa pair decode speed ÷ single model (batch 1, 128 new tokens, median of 3)")
+        print("DeRa pair decode speed ÷ single model (batch 1, 128 new tokens, median of 5 alternating rounds)")
         print(table([tuple(r.values()) for r in results], tuple(results[0])))
 
 

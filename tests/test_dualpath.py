@@ -52,10 +52,11 @@ def test_oracle_base_and_merged(setup, tok, prompts, num_beams):
 
 def float64_greedy(base, merged, input_ids, lam, steps):
     ids = input_ids
-    for _ in range(steps):
+    for step in range(steps):
+        lam_t = lam(step) if callable(lam) else lam
         with torch.no_grad():
             h_ref, h_aligned = base(ids).logits[:, -1].double(), merged(ids).logits[:, -1].double()
-        ids = torch.cat([ids, ((1 - lam) * h_ref + lam * h_aligned).argmax(-1, keepdim=True)], dim=-1)
+        ids = torch.cat([ids, ((1 - lam_t) * h_ref + lam_t * h_aligned).argmax(-1, keepdim=True)], dim=-1)
         if ids[0, -1] == EOS_ID:  # generate stops at EOS too
             break
     return ids[:, input_ids.shape[1] :]
@@ -141,3 +142,20 @@ def test_from_adapter_directory(tmp_path, tok):
     enc = tok(["Hello"], return_tensors="pt")
     expected = DualPathModel(model).generate(**enc, lam=0.5, max_new_tokens=6, do_sample=False)
     assert torch.equal(dual.generate(**enc, lam=0.5, max_new_tokens=6, do_sample=False), expected)
+
+
+def test_per_token_schedule_switches_lam_mid_response(setup, tok):
+    dual, base, merged = setup
+    enc = tok(["The quick brown fox"], return_tensors="pt")
+    start = enc["input_ids"].shape[1]
+    got = new_tokens(dual.generate(**enc, lam=lambda ids: 1.0 if ids.shape[1] < start + 3 else -1.0,
+                                   max_new_tokens=10, do_sample=False), enc)
+    assert torch.equal(got, float64_greedy(base, merged, enc["input_ids"], lambda t: 1.0 if t < 3 else -1.0, 10))
+
+
+def test_span_schedule_reads_the_think_span(tok):
+    from aligndial.generation import span_schedule
+
+    schedule = span_schedule(tok, inside=1.0, outside=0.25)
+    ids = tok(["a <think> b", "a <think> b </think> c", "plain"], return_tensors="pt", padding=True)["input_ids"]
+    assert schedule(ids).tolist() == [1.0, 0.25, 0.25]

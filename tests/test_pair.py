@@ -39,13 +39,15 @@ def test_oracle_lam_zero_and_one(arch_pair, tok, prompts, num_beams):
 
 
 def float64_greedy(ref, aligned, input_ids, lam, steps):
-    """Recompute both models' full logits every step (no cache) and mix in float64."""
+    """Recompute both models' full logits every step (no cache) and mix in float64.
+    `lam` may be a function of the step number (a schedule)."""
     ids = input_ids
-    for _ in range(steps):
+    for step in range(steps):
+        lam_t = lam(step) if callable(lam) else lam
         with torch.no_grad():
             h_ref = ref(ids).logits[:, -1].double()
             h_aligned = aligned(ids).logits[:, -1].double()
-        nxt = ((1 - lam) * h_ref + lam * h_aligned).argmax(-1, keepdim=True)
+        nxt = ((1 - lam_t) * h_ref + lam_t * h_aligned).argmax(-1, keepdim=True)
         ids = torch.cat([ids, nxt], dim=-1)
         if ids[0, -1] == EOS_ID:  # generate stops at EOS too
             break
@@ -198,3 +200,14 @@ def test_half_precision_models_with_large_lam(model_dirs, tok, dtype):
     assert logits.dtype == torch.float32 and torch.isfinite(logits).all()
     out = pair.generate(**enc, lam=50.0, max_new_tokens=4, do_sample=False)
     assert out.shape[1] == enc["input_ids"].shape[1] + 4
+
+
+def test_per_token_schedule_switches_lam_mid_response(arch_pair, tok):
+    """λ = 0 for the first 3 generated tokens, then 2: a schedule sees the sequence so far."""
+    pair, ref_dir, aligned_dir = arch_pair
+    enc = tok(["The quick brown fox"], return_tensors="pt")
+    start = enc["input_ids"].shape[1]
+    got = new_tokens(pair.generate(**enc, lam=lambda ids: 0.0 if ids.shape[1] < start + 3 else 2.0,
+                                   max_new_tokens=10, do_sample=False), enc)
+    expected = float64_greedy(plain(ref_dir), plain(aligned_dir), enc["input_ids"], lambda t: 0.0 if t < 3 else 2.0, 10)
+    assert torch.equal(got, expected)

@@ -121,9 +121,9 @@ class DualPathModel(MixedLM):
     def new_cache(self) -> DualPathCache:
         return DualPathCache(self.base.config, self.n_adapter)
 
-    def prepare_inputs_for_generation(self, input_ids, lam=None, **kwargs):
+    def prepare_inputs_for_generation(self, input_ids, lam=None, lam_schedule=None, **kwargs):
         inputs = self.base.prepare_inputs_for_generation(input_ids, **kwargs)
-        inputs["lam"] = lam
+        inputs["lam"], inputs["run_all"] = self.step_lam(input_ids, lam, lam_schedule)
         return inputs
 
     def forward(
@@ -135,16 +135,19 @@ class DualPathModel(MixedLM):
         lam: LamLike | None = None,
         logits_to_keep: int = 0,
         use_cache: bool | None = None,
+        run_all: bool = False,
         return_dict: bool = True,
         **kwargs,
     ) -> CausalLMOutputWithPast:
+        """Mixed logits (B, T, V). `run_all` forces the 2B-row forward even when λ is 0 or 1
+        in every row (a λ schedule may leave those values later, and needs both caches)."""
         b = input_ids.shape[0]
         lam = self.resolve_lam(lam, b)
         if past_key_values is None and use_cache:
             past_key_values = self.new_cache()
         inputs = dict(attention_mask=attention_mask, position_ids=position_ids, past_key_values=past_key_values,
                       use_cache=use_cache, **kwargs)
-        if (lam == 0).all() or (lam == 1).all():
+        if not run_all and ((lam == 0).all() or (lam == 1).all()):
             self._router.mode = "skip" if (lam == 0).all() else "all"
             try:
                 out = self.base(input_ids=input_ids, logits_to_keep=logits_to_keep, **inputs)

@@ -16,6 +16,7 @@ so `generate` expands it with the batch for beams and `num_return_sequences`.
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable
 
 import torch
 from transformers import GenerationMixin, PreTrainedModel
@@ -45,17 +46,48 @@ class MixedLM(PreTrainedModel, GenerationMixin):
         if model_kwargs.get("past_key_values") is None and generation_config.use_cache is not False:
             model_kwargs["past_key_values"] = self.new_cache()
 
-    def generate(self, inputs: torch.Tensor | None = None, lam: LamLike = 1.0, **kwargs):
-        """`transformers` generate, with `lam`: a number, a list (one per aligned model), or a
-        tensor with one row per prompt (different λ per row). Default 1.0: the aligned model."""
+    def generate(self, inputs: torch.Tensor | None = None, lam: LamLike | LamSchedule = 1.0, **kwargs):
+        """`transformers` generate, with `lam`:
+
+        - a number, a list (one weight per aligned model), or a tensor with one row per prompt;
+        - or a schedule: a callable `f(input_ids) -> lam` called before every step on the full
+          sequences so far, so λ can change inside the response (per token, e.g. inside a
+          `<think>` span) or per turn. With a schedule every source runs at every step, because
+          a source skipped early would have no cache to continue from.
+
+        Default 1.0: the aligned model."""
         input_ids = inputs if inputs is not None else kwargs.get("input_ids")
         if input_ids is None:
             raise ValueError("generate needs `input_ids` (prompt embeddings are not supported by mixed models)")
+        if callable(lam):
+            kwargs["lam_schedule"] = lam
+            lam = lam(input_ids)
         lam = lam_weights(lam, input_ids.shape[0], self.n_aligned).to(input_ids.device)
         return super().generate(inputs, lam=lam, **kwargs)
 
     def resolve_lam(self, lam: LamLike | None, batch_size: int) -> torch.Tensor:
         return lam_weights(1.0 if lam is None else lam, batch_size, self.n_aligned)
+
+    def step_lam(self, input_ids: torch.Tensor, lam, lam_schedule) -> tuple[torch.Tensor, bool]:
+        """λ for the next step and whether every source must run (a schedule is active)."""
+        if lam_schedule is None:
+            return self.resolve_lam(lam, input_ids.shape[0]), False
+        return self.resolve_lam(lam_schedule(input_ids), input_ids.shape[0]), True
+
+
+LamSchedule = Callable[[torch.Tensor], LamLike]
+
+
+def span_schedule(tokenizer, inside: float, outside: float, open_tag: str = "<think>", close_tag: str = "</think>"):
+    """A per-token schedule: λ = `inside` while a row is inside an open `open_tag … close_tag`
+    span of its sequence so far, `outside` otherwise. Works on the decoded text, so tags that
+    span several tokens are found. Pass it as `generate(..., lam=span_schedule(tok, 1.0, 0.0))`."""
+
+    def schedule(input_ids: torch.Tensor) -> torch.Tensor:
+        texts = tokenizer.batch_decode(input_ids, skip_special_tokens=False)
+        return torch.tensor([inside if t.rfind(open_tag) > t.rfind(close_tag) else outside for t in texts])
+
+    return schedule
 
 
 def render_prompts(tokenizer, prompts: list, chat: bool) -> list[str]:

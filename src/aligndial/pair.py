@@ -119,11 +119,12 @@ class RealignedPair(MixedLM):
 
         return PairCache([DynamicCache(config=m.config) for m in self.members])
 
-    def prepare_inputs_for_generation(self, input_ids, past_key_values=None, lam=None, **kwargs):
+    def prepare_inputs_for_generation(self, input_ids, past_key_values=None, lam=None, lam_schedule=None, **kwargs):
         """Each active member prepares its own inputs, exactly as plain transformers would."""
-        lam = self.resolve_lam(lam, input_ids.shape[0])
+        lam, run_all = self.step_lam(input_ids, lam, lam_schedule)
+        active = [True] * len(self.members) if run_all else active_sources(lam)
         member_inputs = []
-        for i, (m, active) in enumerate(zip(self.members, active_sources(lam))):
+        for i, (m, active) in enumerate(zip(self.members, active)):
             if not active:
                 member_inputs.append(None)
                 continue
@@ -141,18 +142,21 @@ class RealignedPair(MixedLM):
         logits_to_keep: int = 0,
         use_cache: bool | None = None,
         member_inputs: list | None = None,
+        run_all: bool = False,
         return_dict: bool = True,
         **kwargs,
     ) -> CausalLMOutputWithPast:
         """Mixed logits, (B, T, V) float32 (or the single active member's own logits).
 
         Called by `generate` with `member_inputs` from `prepare_inputs_for_generation`, or
-        directly with `input_ids` (e.g. to score sequences under π_λ).
+        directly with `input_ids` (e.g. to score sequences under π_λ). `run_all` runs every
+        member even where its weight is 0, so each cache stays complete (a server whose rows
+        change λ, or join and leave, needs that).
         """
         batch = (input_ids if input_ids is not None else next(x for x in member_inputs if x)["input_ids"]).shape[0]
         lam = self.resolve_lam(lam, batch)
-        active = active_sources(lam)
         if member_inputs is None:
+            active = [True] * len(self.members) if run_all else active_sources(lam)
             member_inputs = [
                 dict(
                     input_ids=input_ids,
@@ -179,7 +183,7 @@ class RealignedPair(MixedLM):
             past_key_values = PairCache(caches)
         if self.pad_from is not None:
             logits = [None if x is None else x.float().index_fill(-1, self._padded_ids(x), float("-inf")) for x in logits]
-        if sum(active) == 1 and self.pad_from is None:
+        if sum(x is not None for x in logits) == 1 and self.pad_from is None:
             mixed = next(x for x in logits if x is not None)  # fast path: exactly that model's logits
         else:
             mixed = mix_logits(logits[0], logits[1:], lam.to(next(x for x in logits if x is not None).device))
