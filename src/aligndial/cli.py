@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
 from aligndial.mixing import check_lam
@@ -140,6 +141,41 @@ def cmd_adapter_merge(args) -> int:
     return 0
 
 
+def cmd_train(args, rest: list[str]) -> int:
+    """`train dpo|sft|distill`: our flags, then any field of the recipe's TRL config under TRL's
+    names (--beta, --learning_rate, --num_train_epochs, --per_device_train_batch_size, ...)."""
+    from transformers import HfArgumentParser
+
+    if args.train_verb == "dpo":
+        from aligndial.train.dpo import AdapterDPOConfig as Config, train_dpo as run
+    elif args.train_verb == "sft":
+        from aligndial.train.sft import AdapterSFTConfig as Config, train_sft as run
+    else:
+        from aligndial.train.distill import TrRaConfig as Config, train_distill as run
+    try:
+        (config,) = HfArgumentParser(Config).parse_args_into_dataclasses(rest + ["--output_dir", args.out])
+    except SystemExit:
+        raise ValueError(f"unrecognised training options {rest}; see `aligndial train {args.train_verb} --help`") from None
+    if args.train_verb == "distill":
+        out = run(args.ref, args.aligned, args.data, config, args.trust_remote_code)
+    else:
+        out = run(args.model, args.data, config, args.trust_remote_code)
+    summary_file = os.path.join(out, "training_summary.json")
+    if int(os.environ.get("RANK", "0")) != 0:  # other processes of a multi-process run write nothing
+        return 0
+    summary = json.load(open(summary_file))
+    _report(args, {"out": out, **summary}, f"wrote {out}: {summary['mode']} training, {summary['steps']} steps, "
+            f"{summary['trainable_params']:,} trainable parameters ({100 * summary['trainable_fraction']:.2f}%)")
+    return 0
+
+
+def cmd_serve(args) -> int:
+    from aligndial.serve import run, settings_from_args
+
+    settings = settings_from_args(args)  # every flag is checked before a model loads
+    return run(*_load_generator(args), settings)
+
+
 def cmd_demo(args) -> int:
     raise SystemExit(
         "aligndial demo: the embedded demo models have not been built yet (issue: the embedded demo). "
@@ -212,15 +248,51 @@ def make_parser() -> argparse.ArgumentParser:
     ai.set_defaults(func=cmd_adapter_init)
     am.set_defaults(func=cmd_adapter_merge)
 
+    t = sub.add_parser("train", help="adapter-only DPO / SFT (CLM, InRa) and TrRa distillation, on TRL")
+    tv = t.add_subparsers(dest="train_verb", required=True)
+    trl_help = ("Any field of TRL's {} is accepted under TRL's names, e.g. --learning_rate 5e-5 --num_train_epochs 1 "
+                "--per_device_train_batch_size 8 --max_length 512 --seed 0{}.")
+    for name, cfg, extra in (("dpo", "DPOConfig", " --beta 0.1 --loss_type sigmoid"), ("sft", "SFTConfig", ""),
+                             ("distill", "GKDConfig", " --max_new_tokens 128")):
+        tp = tv.add_parser(name, help=f"{name} recipe", epilog=trl_help.format(cfg, extra))
+        if name == "distill":
+            tp.add_argument("--ref", required=True)
+            tp.add_argument("--aligned", required=True)
+            tp.epilog += (" TrRa flags: --lam L, --student full|adapter, --iterations K, --on-policy-fraction F.")
+        else:
+            tp.add_argument("--model", required=True)
+            tp.epilog += (" Baselines: --full | --lora-rank R | --tune-layers bottom:K|top:K; adapter: "
+                          "--adapter-layers N --init identity|kaiming|copy. --resume continues from the last checkpoint.")
+        tp.add_argument("--data", required=True, help="JSONL/CSV/parquet file, a save_to_disk directory, or a hub id")
+        tp.add_argument("--out", required=True)
+        tp.add_argument("--trust-remote-code", action="store_true")
+        tp.add_argument("--json", action="store_true")
+        tp.set_defaults(func=cmd_train, takes_rest=True)
+
+    s = sub.add_parser("serve", help="OpenAI-compatible server with λ per request (`alignment_strength`)")
+    _add_model_flags(s)
+    s.add_argument("--host", default="127.0.0.1", help="interface to listen on (default: loopback only)")
+    s.add_argument("--port", type=int, default=8000)
+    s.add_argument("--default-lam", help="λ when a request gives none (default 1.0; a comma list with several --aligned)")
+    s.add_argument("--lam-range", default="-5,10", help="allowed λ (each weight), as --lam-range=LO,HI (default -5,10)")
+    s.add_argument("--api-key", help="require `Authorization: Bearer KEY` on /v1/* (ALIGNDIAL_API_KEY keeps it out of ps)")
+    s.add_argument("--max-concurrency", type=int, default=8, help="sequences decoded together in one batch")
+    s.add_argument("--max-queue", type=int, default=64, help="sequences that may wait for a row; beyond that, 429")
+    s.add_argument("--engine", choices=["hf", "vllm"], default="hf", help="hf: built-in batching engine; vllm: not yet")
+    s.set_defaults(func=cmd_serve)
+
     d = sub.add_parser("demo", help="the embedded demo: alignment strength as a dial on tiny models")
     d.set_defaults(func=cmd_demo)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = make_parser().parse_args(argv)
+    parser = make_parser()
+    args, rest = parser.parse_known_args(argv)
+    if rest and not getattr(args, "takes_rest", False):
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
     try:
-        return args.func(args)
+        return args.func(args, rest) if getattr(args, "takes_rest", False) else args.func(args)
     except (ValueError, OSError) as e:
         print(f"aligndial {args.verb}: error: {e}", file=sys.stderr)
         return 2

@@ -1,0 +1,56 @@
+"""Adapter-only DPO: the CLM method (CLM §4.2) on TRL's DPOTrainer.
+
+    aligndial train dpo --model M --data prefs.jsonl --out adapter/ [--beta 0.1] [--learning_rate 5e-5]
+    aligndial train dpo --model M --data prefs.jsonl --out full/ --full            # baseline
+    aligndial train dpo --model M --data prefs.jsonl --out lora/ --lora-rank 8     # baseline
+    aligndial train dpo --model M --data prefs.jsonl --out b2/ --tune-layers bottom:2
+
+An identity adapter is inserted before layer 0 and everything else is frozen (embeddings and
+head included). Because the adapter starts as an exact identity, the initial policy IS the
+base model, so the DPO reference is the base exactly: its log-probabilities are precomputed
+once (`precompute_ref_log_probs`) instead of keeping a second copy of the model in memory.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from trl import DPOConfig, DPOTrainer
+
+from aligndial.loading import load_causal_lm, load_tokenizer
+from aligndial.train.common import RecipeArgs, RobustTrainerMixin, prepare_trainable, resume_point, save_result
+from aligndial.train.data import load_data, validate
+
+
+@dataclass
+class AdapterDPOConfig(RecipeArgs, DPOConfig):
+    """TRL's DPOConfig (beta, learning_rate, num_train_epochs, per_device_train_batch_size,
+    max_length, loss_type, ... under TRL's names) plus the adapter/baseline fields of
+    `RecipeArgs`. Changed default: `precompute_ref_log_probs=True` (see the module docstring)."""
+
+    precompute_ref_log_probs: bool = True
+
+    def __post_init__(self):
+        if self.init != "identity" and self.precompute_ref_log_probs and not (self.full or self.lora_rank or self.tune_layers):
+            raise ValueError(
+                f"`--init {self.init}` does not start at the base model, so the initial policy is not the DPO "
+                "reference; use --init identity (CLM's method)."
+            )
+        super().__post_init__()
+
+
+class _DPOTrainer(RobustTrainerMixin, DPOTrainer):
+    pass
+
+
+def train_dpo(model: str, data: str, args: AdapterDPOConfig, trust_remote_code: bool = False, callbacks=None) -> str:
+    dataset = validate(load_data(data), "preference")
+    tokenizer = load_tokenizer(model, trust_remote_code)
+    policy = load_causal_lm(model, trust_remote_code=trust_remote_code)
+    peft_config = prepare_trainable(policy, args)
+    trainer = _DPOTrainer(
+        model=policy, args=args, train_dataset=dataset, processing_class=tokenizer, peft_config=peft_config,
+        callbacks=callbacks,
+    )
+    trainer.train(resume_from_checkpoint=resume_point(args))
+    return save_result(trainer, trainer.model if args.mode == "lora" else policy, tokenizer, args)
