@@ -68,14 +68,14 @@ def validate(ds: Dataset, kind: str) -> Dataset:
 
 
 def to_messages(ds: Dataset) -> Dataset:
-    """prompt (+ completion) rows as `messages`, the format GKD's collator expects."""
+    """prompt (+ completion) rows as `messages`, the format GKD's collator expects. GKD treats the
+    last message as the completion, so a prompt-only row gets an empty assistant turn: a
+    placeholder that on-policy batches replace with the student's own completion."""
     if "messages" in ds.column_names:
         return ds
 
     def convert(row):
-        msgs = [{"role": "user", "content": row["prompt"]}]
-        if row.get("completion"):
-            msgs.append({"role": "assistant", "content": row["completion"]})
-        return {"messages": msgs}
+        completion = row.get("completion") or ""
+        return {"messages": [{"role": "user", "content": row["prompt"]}, {"role": "assistant", "content": completion}]}
 
     return ds.map(convert, remove_columns=ds.column_names)

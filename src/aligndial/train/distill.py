@@ -115,7 +115,7 @@ def train_distill(
     ref: str, aligned: str, data: str, args: TrRaConfig, trust_remote_code: bool = False, callbacks=None
 ) -> str:
     dataset = to_messages(validate(load_data(data), "prompts"))
-    if args.on_policy_fraction < 1.0 and any(len(m) < 2 for m in dataset["messages"]):
+    if args.on_policy_fraction < 1.0 and any(m[-1]["role"] != "assistant" or not m[-1]["content"] for m in dataset["messages"]):
         raise ValueError("rows without a completion need on-policy training: pass `--on-policy-fraction 1`")
     tokenizer = load_tokenizer(ref, trust_remote_code)
     final_out = args.output_dir
