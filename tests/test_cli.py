@@ -144,3 +144,24 @@ def test_adapter_on_wrong_base_is_a_clear_error(capsys, tmp_path, model_dirs):
     assert run(capsys, "adapter", "init", "--model", model_dirs["llama"][0], "--out", str(adapter))[0] == 0
     code, _, err = run(capsys, "generate", "--model", model_dirs["qwen2"][0], "--adapter", str(adapter), "--prompt", "Hi")
     assert code == 2 and "architecture 'llama'" in err
+
+
+def test_custom_code_needs_trust_remote_code(capsys, tmp_path, model_dirs):
+    """Case 20: a checkpoint that needs custom code fails at once with a clear error (no prompt
+    on stdin), and its code never runs."""
+    import shutil
+
+    path = tmp_path / "custom"
+    shutil.copytree(model_dirs["llama"][0], path)
+    marker = tmp_path / "code-ran"
+    (path / "configuration_custom.py").write_text(
+        f"open({str(marker)!r}, 'w').write('x')\nfrom transformers import LlamaConfig\n"
+        "class CustomConfig(LlamaConfig):\n    model_type = 'custom-llama'\n"
+    )
+    config = json.loads((path / "config.json").read_text())
+    config["auto_map"] = {"AutoConfig": "configuration_custom.CustomConfig"}
+    config["model_type"] = "custom-llama"  # unknown to transformers: only the custom code can load it
+    (path / "config.json").write_text(json.dumps(config))
+    code, _, err = run(capsys, "generate", "--model", str(path), "--prompt", "Hi", "--max-new-tokens", "2")
+    assert code == 2 and "--trust-remote-code" in err
+    assert not marker.exists()

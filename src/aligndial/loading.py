@@ -7,6 +7,8 @@
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -21,15 +23,10 @@ def parse_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
     return DTYPES[dtype]
 
 
-def load_causal_lm(name: str, dtype=None, device: str | None = None, trust_remote_code: bool = False):
-    """`AutoModelForCausalLM.from_pretrained(name)` in eval mode, safetensors only."""
+@contextmanager
+def _explain_remote_code(name: str, trust_remote_code: bool):
     try:
-        model = AutoModelForCausalLM.from_pretrained(
-            name,
-            dtype=parse_dtype(dtype) or "auto",
-            use_safetensors=True,
-            trust_remote_code=bool(trust_remote_code),
-        )
+        yield
     except ValueError as e:
         if "trust_remote_code" in str(e) and not trust_remote_code:
             raise ValueError(
@@ -37,6 +34,18 @@ def load_causal_lm(name: str, dtype=None, device: str | None = None, trust_remot
                 "(trust_remote_code=True) to run it."
             ) from e
         raise
+
+
+def load_causal_lm(name: str, dtype=None, device: str | None = None, trust_remote_code: bool = False):
+    """`AutoModelForCausalLM.from_pretrained(name)` in eval mode, safetensors only."""
+    try:
+        with _explain_remote_code(name, trust_remote_code):
+            model = AutoModelForCausalLM.from_pretrained(
+                name,
+                dtype=parse_dtype(dtype) or "auto",
+                use_safetensors=True,
+                trust_remote_code=bool(trust_remote_code),
+            )
     except OSError as e:
         if "safetensors" in str(e).lower() or ".bin" in str(e):
             raise OSError(
@@ -50,7 +59,8 @@ def load_causal_lm(name: str, dtype=None, device: str | None = None, trust_remot
 
 
 def load_tokenizer(name: str, trust_remote_code: bool = False):
-    tok = AutoTokenizer.from_pretrained(name, trust_remote_code=bool(trust_remote_code))
+    with _explain_remote_code(name, trust_remote_code):
+        tok = AutoTokenizer.from_pretrained(name, trust_remote_code=bool(trust_remote_code))
     if tok.pad_token_id is None:
         # Batched generation needs a pad token; eos is the conventional stand-in.
         tok.pad_token = tok.eos_token
