@@ -10,7 +10,8 @@ from transformers import AutoModelForCausalLM, TextIteratorStreamer
 
 from aligndial.adapter import decoder_layers, insert_adapter, merge_adapter, save_adapter
 from aligndial.dualpath import DualPathModel
-from aligndial.tiny import EOS_ID, build_model, save
+from aligndial.tiny import build_model, save
+from reference import float64_greedy
 
 ARCHS = ["llama", "qwen2", "gpt2", "falcon", "gemma2", "opt"]
 
@@ -48,18 +49,6 @@ def test_oracle_base_and_merged(setup, tok, prompts, num_beams):
     kw = dict(max_new_tokens=10, do_sample=False, num_beams=num_beams)
     assert torch.equal(dual.generate(**enc, lam=0.0, **kw), base.generate(**enc, **kw))
     assert torch.equal(dual.generate(**enc, lam=1.0, **kw), merged.generate(**enc, **kw))
-
-
-def float64_greedy(base, merged, input_ids, lam, steps):
-    ids = input_ids
-    for step in range(steps):
-        lam_t = lam(step) if callable(lam) else lam
-        with torch.no_grad():
-            h_ref, h_aligned = base(ids).logits[:, -1].double(), merged(ids).logits[:, -1].double()
-        ids = torch.cat([ids, ((1 - lam_t) * h_ref + lam_t * h_aligned).argmax(-1, keepdim=True)], dim=-1)
-        if ids[0, -1] == EOS_ID:  # generate stops at EOS too
-            break
-    return ids[:, input_ids.shape[1] :]
 
 
 @pytest.mark.parametrize("lam", [0.5, 2.0, -1.0])

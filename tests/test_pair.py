@@ -8,7 +8,8 @@ import torch
 from transformers import AutoModelForCausalLM, StoppingCriteria, StoppingCriteriaList, TextIteratorStreamer
 
 from aligndial.pair import RealignedPair, check_tokenizers
-from aligndial.tiny import EOS_ID, build_model, build_tokenizer, save
+from aligndial.tiny import build_model, build_tokenizer, save
+from reference import float64_greedy
 
 ARCHS = ["llama", "qwen2", "gpt2"]
 
@@ -36,22 +37,6 @@ def test_oracle_lam_zero_and_one(arch_pair, tok, prompts, num_beams):
         expected = plain(path).generate(**enc, **kw)
         got = pair.generate(**enc, lam=lam, **kw)
         assert torch.equal(got, expected), f"λ={lam} beams={num_beams}"
-
-
-def float64_greedy(ref, aligned, input_ids, lam, steps):
-    """Recompute both models' full logits every step (no cache) and mix in float64.
-    `lam` may be a function of the step number (a schedule)."""
-    ids = input_ids
-    for step in range(steps):
-        lam_t = lam(step) if callable(lam) else lam
-        with torch.no_grad():
-            h_ref = ref(ids).logits[:, -1].double()
-            h_aligned = aligned(ids).logits[:, -1].double()
-        nxt = ((1 - lam_t) * h_ref + lam_t * h_aligned).argmax(-1, keepdim=True)
-        ids = torch.cat([ids, nxt], dim=-1)
-        if ids[0, -1] == EOS_ID:  # generate stops at EOS too
-            break
-    return ids[:, input_ids.shape[1] :]
 
 
 @pytest.mark.parametrize("lam", [-0.5, 0.5, 2.0])

@@ -158,3 +158,18 @@ def resume_point(args: RecipeArgs) -> str | None:
     if ckpt is None:
         raise ValueError(f"`--resume`: no complete checkpoint in {args.output_dir}; run without --resume to start fresh")
     return ckpt
+
+
+def run_recipe(trainer_class, model: str, dataset, args: RecipeArgs, trust_remote_code: bool = False, callbacks=None) -> str:
+    """Load the policy, set what trains (adapter or baseline), train, save. Returns the output dir."""
+    from aligndial.loading import load_causal_lm, load_tokenizer
+
+    tokenizer = load_tokenizer(model, trust_remote_code)
+    policy = load_causal_lm(model, trust_remote_code=trust_remote_code)
+    peft_config = prepare_trainable(policy, args)
+    trainer = trainer_class(
+        model=policy, args=args, train_dataset=dataset, processing_class=tokenizer, peft_config=peft_config,
+        callbacks=callbacks,
+    )
+    trainer.train(resume_from_checkpoint=resume_point(args))
+    return save_result(trainer, trainer.model if args.mode == "lora" else policy, tokenizer, args)

@@ -17,8 +17,7 @@ from dataclasses import dataclass
 
 from trl import DPOConfig, DPOTrainer
 
-from aligndial.loading import load_causal_lm, load_tokenizer
-from aligndial.train.common import RecipeArgs, RobustTrainerMixin, prepare_trainable, resume_point, save_result
+from aligndial.train.common import RecipeArgs, RobustTrainerMixin, run_recipe
 from aligndial.train.data import load_data, validate
 
 
@@ -44,13 +43,4 @@ class _DPOTrainer(RobustTrainerMixin, DPOTrainer):
 
 
 def train_dpo(model: str, data: str, args: AdapterDPOConfig, trust_remote_code: bool = False, callbacks=None) -> str:
-    dataset = validate(load_data(data), "preference")
-    tokenizer = load_tokenizer(model, trust_remote_code)
-    policy = load_causal_lm(model, trust_remote_code=trust_remote_code)
-    peft_config = prepare_trainable(policy, args)
-    trainer = _DPOTrainer(
-        model=policy, args=args, train_dataset=dataset, processing_class=tokenizer, peft_config=peft_config,
-        callbacks=callbacks,
-    )
-    trainer.train(resume_from_checkpoint=resume_point(args))
-    return save_result(trainer, trainer.model if args.mode == "lora" else policy, tokenizer, args)
+    return run_recipe(_DPOTrainer, model, validate(load_data(data), "preference"), args, trust_remote_code, callbacks)

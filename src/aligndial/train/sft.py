@@ -13,8 +13,7 @@ from dataclasses import dataclass
 
 from trl import SFTConfig, SFTTrainer
 
-from aligndial.loading import load_causal_lm, load_tokenizer
-from aligndial.train.common import RecipeArgs, RobustTrainerMixin, prepare_trainable, resume_point, save_result
+from aligndial.train.common import RecipeArgs, RobustTrainerMixin, run_recipe
 from aligndial.train.data import load_data, validate
 
 
@@ -28,11 +27,4 @@ class _SFTTrainer(RobustTrainerMixin, SFTTrainer):
 
 
 def train_sft(model: str, data: str, args: AdapterSFTConfig, trust_remote_code: bool = False, callbacks=None) -> str:
-    dataset = validate(load_data(data), "sft")
-    tokenizer = load_tokenizer(model, trust_remote_code)
-    policy = load_causal_lm(model, trust_remote_code=trust_remote_code)
-    peft_config = prepare_trainable(policy, args)
-    trainer = _SFTTrainer(model=policy, args=args, train_dataset=dataset, processing_class=tokenizer, peft_config=peft_config,
-        callbacks=callbacks,)
-    trainer.train(resume_from_checkpoint=resume_point(args))
-    return save_result(trainer, trainer.model if args.mode == "lora" else policy, tokenizer, args)
+    return run_recipe(_SFTTrainer, model, validate(load_data(data), "sft"), args, trust_remote_code, callbacks)
