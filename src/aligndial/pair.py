@@ -122,14 +122,15 @@ class RealignedPair(MixedLM):
     def prepare_inputs_for_generation(self, input_ids, past_key_values=None, lam=None, lam_schedule=None, **kwargs):
         """Each active member prepares its own inputs, exactly as plain transformers would."""
         lam, run_all = self.step_lam(input_ids, lam, lam_schedule)
-        active = [True] * len(self.members) if run_all else active_sources(lam)
-        member_inputs = []
-        for i, (m, active) in enumerate(zip(self.members, active)):
-            if not active:
-                member_inputs.append(None)
-                continue
-            cache = past_key_values.caches[i] if past_key_values is not None else None
-            member_inputs.append(m.prepare_inputs_for_generation(input_ids, past_key_values=cache, **kwargs))
+        runs = [True] * len(self.members) if run_all else active_sources(lam)
+        member_inputs = [
+            m.prepare_inputs_for_generation(
+                input_ids, past_key_values=past_key_values.caches[i] if past_key_values is not None else None, **kwargs
+            )
+            if runs[i]
+            else None
+            for i, m in enumerate(self.members)
+        ]
         return {"member_inputs": member_inputs, "lam": lam, "past_key_values": past_key_values}
 
     def forward(
@@ -182,12 +183,10 @@ class RealignedPair(MixedLM):
         if past_key_values is None and any(c is not None for c in caches):
             past_key_values = PairCache(caches)
         if self.pad_from is not None:
-            logits = [None if x is None else x.float().index_fill(-1, self._padded_ids(x), float("-inf")) for x in logits]
+            padded = torch.arange(self.pad_from, self.width, device=out.logits.device)
+            logits = [None if x is None else x.float().index_fill(-1, padded, float("-inf")) for x in logits]
         if sum(x is not None for x in logits) == 1 and self.pad_from is None:
             mixed = next(x for x in logits if x is not None)  # fast path: exactly that model's logits
         else:
             mixed = mix_logits(logits[0], logits[1:], lam.to(next(x for x in logits if x is not None).device))
         return CausalLMOutputWithPast(logits=mixed, past_key_values=past_key_values)
-
-    def _padded_ids(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.arange(self.pad_from, self.width, device=x.device)
