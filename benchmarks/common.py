@@ -50,6 +50,16 @@ def compare_speed(baseline, candidate, ids: torch.Tensor, repeats: int = 5) -> t
     return statistics.median(base), statistics.median(cand), statistics.median(c / b for b, c in pairs)
 
 
+def lam_speed_rows(plain, mixed, ids: torch.Tensor, dtype, lams=(0.5, 0.0, 1.0)) -> list[dict]:
+    """One row per λ: `mixed.generate(lam=λ)` tokens/s against `plain.generate`, side by side."""
+    rows = []
+    for lam in lams:
+        base, tps, ratio = compare_speed(plain.generate, lambda x, lam=lam, **kw: mixed.generate(x, lam=lam, **kw), ids)
+        rows.append({"dtype": str(dtype).removeprefix("torch."), "lam": lam, "plain_tok_s": round(base, 1),
+                     "mixed_tok_s": round(tps, 1), "ratio": round(ratio, 3)})
+    return rows
+
+
 def table(rows: list[tuple], header: tuple) -> str:
     widths = [max(len(str(x)) for x in col) for col in zip(header, *rows)]
     fmt = "  ".join(f"{{:<{w}}}" for w in widths)

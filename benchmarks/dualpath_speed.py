@@ -18,7 +18,7 @@ import torch
 
 from aligndial.adapter import decoder_layers, insert_adapter
 from aligndial.dualpath import DualPathModel
-from common import compare_speed, llama_50m, prompt_ids, table
+from common import lam_speed_rows, llama_50m, prompt_ids, table
 
 
 def adapted(dtype):
@@ -60,12 +60,7 @@ def main():
     ids = prompt_ids()
     rows = []
     for dtype in (torch.float32, torch.bfloat16):
-        dual = adapted(dtype)
-        plain = llama_50m(0, dtype)
-        for lam in (0.5, 0.0, 1.0):
-            single, tps, ratio = compare_speed(plain.generate, lambda x, lam=lam, **kw: dual.generate(x, lam=lam, **kw), ids)
-            rows.append({"dtype": str(dtype).removeprefix("torch."), "lam": lam, "plain_tok_s": round(single, 1),
-                         "dual_tok_s": round(tps, 1), "ratio": round(ratio, 3)})
+        rows += lam_speed_rows(llama_50m(0, dtype), adapted(dtype), ids, dtype)
     plain_mib, dual_mib = peak_memory("plain"), peak_memory("dual")
     memory = {"plain_mib": round(plain_mib, 1), "dual_mib": round(dual_mib, 1), "ratio": round(dual_mib / plain_mib, 3)}
     if args.json:

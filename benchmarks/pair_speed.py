@@ -12,7 +12,7 @@ import json
 import torch
 
 from aligndial.pair import RealignedPair
-from common import compare_speed, llama_50m, prompt_ids, table
+from common import lam_speed_rows, llama_50m, prompt_ids, table
 
 
 def main():
@@ -24,11 +24,7 @@ def main():
     results = []
     for dtype in (torch.float32, torch.bfloat16):
         ref, aligned = llama_50m(0, dtype), llama_50m(1, dtype)
-        pair = RealignedPair(ref, [aligned]).eval()
-        for lam in (0.5, 0.0, 1.0):
-            single, tps, ratio = compare_speed(ref.generate, lambda x, lam=lam, **kw: pair.generate(x, lam=lam, **kw), ids)
-            results.append({"dtype": str(dtype).removeprefix("torch."), "lam": lam, "single_tok_s": round(single, 1),
-                            "pair_tok_s": round(tps, 1), "ratio": round(ratio, 3)})
+        results += lam_speed_rows(ref, RealignedPair(ref, [aligned]).eval(), ids, dtype)
     if args.json:
         print(json.dumps(results))
     else:
