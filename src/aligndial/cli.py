@@ -33,22 +33,9 @@ def _read_prompts(args) -> list:
         raise ValueError("give exactly one of `--prompt TEXT` or `--prompts-file F.jsonl`")
     if args.prompt is not None:
         return list(args.prompt)
-    prompts = []
-    with open(args.prompts_file) as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{args.prompts_file}:{n}: not valid JSON ({e.msg})") from None
-            value = row.get("prompt", row.get("messages")) if isinstance(row, dict) else None
-            if not value:
-                raise ValueError(f"{args.prompts_file}:{n}: each line needs a non-empty `prompt` or `messages` field")
-            prompts.append(value)
-    if not prompts:
-        raise ValueError(f"{args.prompts_file} holds no prompts")
-    return prompts
+    from aligndial.prompts import load_prompts
+
+    return [row.get("prompt", row.get("messages")) for row in load_prompts(args.prompts_file)]
 
 
 def _load_generator(args):
@@ -80,13 +67,16 @@ def _load_generator(args):
 def cmd_generate(args) -> int:
     from tqdm.auto import tqdm
 
-    from aligndial.generation import generate_rows, render_prompts
+    from aligndial.generation import generate_rows, render_prompts, span_schedule
 
     prompts = _read_prompts(args)
     model, tok, n_aligned = _load_generator(args)
     lams = [_lam_list(x, n_aligned) for x in (args.lam or ["1"])] if n_aligned else [None]
     if not n_aligned and args.lam:
         raise ValueError("`--lam` needs a mix: add `--aligned` (with `--ref`) or `--adapter` (with `--model`)")
+    think = None if args.think_lam is None else check_lam(args.think_lam, "--think-lam")
+    if think is not None and n_aligned != 1:
+        raise ValueError("`--think-lam` needs a mix with a single aligned model (`--aligned` or `--adapter`)")
     texts = render_prompts(tok, prompts, args.chat)
     gen = dict(max_new_tokens=args.max_new_tokens, num_beams=args.num_beams, do_sample=args.do_sample)
     if args.do_sample:
@@ -94,7 +84,8 @@ def cmd_generate(args) -> int:
     results = {}
     for lam in tqdm(lams, desc="λ", disable=len(lams) < 2 or not sys.stderr.isatty()):
         results[json.dumps(lam)] = generate_rows(
-            model, tok, texts, lam=lam, seed=args.seed, add_special_tokens=not args.chat, **gen
+            model, tok, texts, lam=lam if think is None else span_schedule(tok, think, lam), seed=args.seed,
+            add_special_tokens=not args.chat, **gen
         )
     for i, prompt in enumerate(prompts):
         for lam in lams:
@@ -176,6 +167,24 @@ def cmd_serve(args) -> int:
     return run(*_load_generator(args), settings)
 
 
+def cmd_sweep(args) -> int:
+    from aligndial.evaluate import config_from_args, main as sweep_main
+
+    config = config_from_args(args)  # every flag is checked before a model loads
+    model, tok, n_aligned = _load_generator(args)
+    if n_aligned != 1:
+        raise ValueError("`aligndial sweep` needs one mix with a single aligned model: "
+                         "`--ref R --aligned A` or `--model M --adapter A`")
+    return sweep_main(args, config, model, tok)
+
+
+def cmd_lm_eval(args, rest: list[str]) -> int:
+    """`aligndial lm-eval ARGS` runs `lm-eval ARGS` with the `aligndial` model type registered."""
+    from aligndial.lmeval import main as lm_eval_main
+
+    return lm_eval_main(rest)
+
+
 def cmd_demo(args) -> int:
     raise SystemExit(
         "aligndial demo: the embedded demo models have not been built yet (issue: the embedded demo). "
@@ -216,6 +225,7 @@ def make_parser() -> argparse.ArgumentParser:
     g.add_argument("--top-k", type=int, default=0)
     g.add_argument("--seed", type=int, default=None)
     g.add_argument("--num-beams", type=int, default=1)
+    g.add_argument("--think-lam", help="λ inside <think>…</think> spans; --lam applies outside (one --aligned)")
     g.add_argument("--json", action="store_true", help="one JSON object per line")
     g.set_defaults(func=cmd_generate)
 
@@ -280,6 +290,35 @@ def make_parser() -> argparse.ArgumentParser:
     s.add_argument("--max-queue", type=int, default=64, help="sequences that may wait for a row; beyond that, 429")
     s.add_argument("--engine", choices=["hf", "vllm"], default="hf", help="hf: built-in batching engine; vllm: not yet")
     s.set_defaults(func=cmd_serve)
+
+    w = sub.add_parser("sweep", help="generate at every λ, measure, plot, and choose λ (DeRa §5)")
+    _add_model_flags(w)
+    w.add_argument("--lams", help="comma list of λ, e.g. 0,0.25,0.5,1,1.5,2 (a leading negative: --lams=-1,0,1)")
+    w.add_argument("--lam-schedule", action="append", help="per-turn λ L1,L2: L1 on the first turn, L2 later (repeatable)")
+    w.add_argument("--think-lam", type=float, help="λ inside <think>…</think> spans; the swept λ applies outside")
+    w.add_argument("--prompts", help="JSONL with `prompt` or `messages` (optional `answer`) per line")
+    w.add_argument("--metric", action="append", help="reward:module:function | reward-model:PATH | kl | length | "
+                   "accuracy:REGEX | judge:URL | pairwise-accuracy:DATA.jsonl (repeatable; default length)")
+    w.add_argument("--out", required=True, help="directory for rows.jsonl, summary.csv and plots (resumable)")
+    w.add_argument("--samples", type=int, default=1, help="responses per prompt and λ (with --do-sample)")
+    w.add_argument("--max-new-tokens", type=int, default=64)
+    w.add_argument("--do-sample", action="store_true", help="sample instead of greedy decoding")
+    w.add_argument("--temperature", type=float, default=1.0)
+    w.add_argument("--top-p", type=float, default=1.0)
+    w.add_argument("--top-k", type=int, default=0)
+    w.add_argument("--seed", type=int, default=0)
+    w.add_argument("--chat", action="store_true", help="apply the reference tokenizer's chat template")
+    w.add_argument("--batch-size", type=int, default=8, help="rows per generate call and scoring forward")
+    w.add_argument("--select", help="choose the λ with the highest mean of this metric on --on")
+    w.add_argument("--on", help="validation prompts (JSONL) to choose λ on")
+    w.add_argument("--max-kl", type=float, help="choose only among λ whose mean KL is at most this")
+    w.add_argument("--judge-baseline-lam", type=float, default=1.0, help="the λ the judge compares against")
+    w.add_argument("--judge-model", help="model name at the judge endpoint (default: the first it serves)")
+    w.add_argument("--json", action="store_true", help="print the summary (and selection) as JSON")
+    w.set_defaults(func=cmd_sweep)
+
+    le = sub.add_parser("lm-eval", help="lm-evaluation-harness with `--model aligndial` registered", add_help=False)
+    le.set_defaults(func=cmd_lm_eval, takes_rest=True)
 
     d = sub.add_parser("demo", help="the embedded demo: alignment strength as a dial on tiny models")
     d.set_defaults(func=cmd_demo)
