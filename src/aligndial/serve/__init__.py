@@ -1,0 +1,94 @@
+"""`aligndial serve`: an OpenAI-compatible server where every request sets its own alignment
+strength λ, and concurrent requests with different λ share forward passes.
+
+    aligndial serve --ref sft-model --aligned dpo-model --port 8000
+    aligndial serve --model M --adapter my-adapter/ --lam-range=-2,4 --api-key "$KEY"
+    curl localhost:8000/v1/completions -H 'content-type: application/json' \\
+        -d '{"model": "dpo-model", "prompt": "Hi", "max_tokens": 16, "alignment_strength": 0.5}'
+
+Files: protocol.py (request bodies and their bounds), errors.py (OpenAI error objects),
+engine.py (the batching engine), batch.py (rows joining and leaving a KV cache), app.py (routes,
+`create_app(engine, settings)`). This module turns the command's flags into those pieces.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+import os
+
+from aligndial.mixing import check_lam
+from aligndial.serve.app import ServerSettings, create_app
+from aligndial.serve.engine import HFEngine
+
+__all__ = ["HFEngine", "ServerSettings", "create_app", "run", "settings_from_args"]
+
+log = logging.getLogger("aligndial.serve")
+
+
+def _lam_range(text: str) -> tuple[float, float]:
+    parts = text.split(",")
+    if len(parts) != 2:
+        raise ValueError(f"`--lam-range` takes two numbers, LO,HI (write it `--lam-range=-5,10`); got {text!r}")
+    lo, hi = (check_lam(x.strip(), "--lam-range") for x in parts)
+    if lo > hi:
+        raise ValueError(f"`--lam-range` must be LO,HI with LO ≤ HI; got {text!r}")
+    return lo, hi
+
+
+def _default_lam(text: str | None, n_aligned: int, lo: float, hi: float) -> float | list[float] | None:
+    if n_aligned == 0:
+        if text is not None:
+            raise ValueError("`--default-lam` needs a mix: add `--adapter` (with `--model`) or use `--ref R --aligned A`")
+        return None
+    if text is None:
+        if n_aligned > 1:
+            raise ValueError(f"with {n_aligned} aligned models, give `--default-lam` as {n_aligned} comma-separated "
+                             f"weights, e.g. --default-lam {','.join(['0.5'] * n_aligned)}")
+        text = "1.0"
+    weights = [check_lam(x.strip(), "--default-lam") for x in text.split(",")]
+    if len(weights) != n_aligned:
+        raise ValueError(f"`--default-lam {text}` has {len(weights)} weight(s) but there are {n_aligned} aligned models")
+    if not all(lo <= w <= hi for w in weights):
+        raise ValueError(f"`--default-lam {text}` is outside `--lam-range` [{lo}, {hi}]")
+    return weights[0] if n_aligned == 1 else weights
+
+
+def settings_from_args(args) -> ServerSettings:
+    """Check every flag before any model loads."""
+    if args.engine == "vllm":
+        raise ValueError("`--engine vllm` is not available yet (the vLLM integration is a separate issue); "
+                         "use `--engine hf`, the default")
+    n_aligned = len(args.aligned or []) if args.ref else 1 if args.adapter else 0
+    lo, hi = _lam_range(args.lam_range)
+    return ServerSettings(
+        model_name=args.model if args.model else "+".join(args.aligned or []),
+        default_lam=_default_lam(args.default_lam, n_aligned, lo, hi),
+        lam_range=(lo, hi),
+        api_key=args.api_key or os.environ.get("ALIGNDIAL_API_KEY") or None,
+        host=args.host,
+        port=args.port,
+        max_concurrency=args.max_concurrency,
+        max_queue=args.max_queue,
+    )
+
+
+def run(model, tokenizer, n_aligned: int, settings: ServerSettings) -> int:
+    """Serve until SIGTERM / Ctrl-C; uvicorn then finishes running requests and refuses new ones."""
+    import uvicorn
+
+    engine = HFEngine(model, tokenizer, n_aligned, settings.max_concurrency, settings.max_queue)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s:     %(message)s")
+    log.info("serving %r (λ default %s, range %s, context %d tokens%s)", settings.model_name, settings.default_lam,
+             list(settings.lam_range), engine.context_length, ", API key required" if settings.api_key else "")
+    if not settings.api_key and not _is_loopback(settings.host):
+        log.warning("listening on %s without an API key: anyone who can reach it can use it", settings.host)
+    uvicorn.run(create_app(engine, settings), host=settings.host, port=settings.port)
+    return 0
+
+
+def _is_loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host == "localhost"

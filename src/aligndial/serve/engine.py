@@ -1,0 +1,399 @@
+"""The batching engine: one background thread runs the decode steps of every admitted sequence.
+
+It knows nothing about HTTP or text: a request comes in as prompt token ids with its own λ and
+sampling settings, and tokens go out as events on an async iterator. `app.py` tokenizes,
+validates and detokenizes. Another engine (vLLM, a later issue) can take this one's place behind
+the same calls: `submit(request) -> Generation`, `healthy()`, `stats()`, `start()`, `shutdown()`,
+and the attributes `tokenizer`, `n_aligned`, `context_length`, `max_concurrency`.
+
+Each turn of the loop (continuous batching):
+
+1. admit waiting requests while rows are free: prefill each prompt alone in its own cache,
+   sample its first token(s), and append its rows to the running batch (`batch.BatchCache`);
+2. one decode step for all rows: the model's own forward with a (B, K) λ tensor, one row per
+   sequence, and `run_all=True`, so every cache stays complete whatever λ a row has. The mixing
+   happens inside the model (`aligndial.mixing`), never here;
+3. sample each row with its own settings and `torch.Generator`, emit its token, and drop the
+   rows that finished or whose client went away.
+
+So a short request joins and leaves while a long one runs. Padding is masked and positions are
+per row, so a row's logits inside any batch are its logits alone, up to the rounding of batched
+kernels: greedy rows decode the same tokens (tested against requests alone and `generate`).
+An error in a prefill fails that request only; an error in a decode step fails the rows of
+that step, and the loop goes on serving.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import logging
+import threading
+from collections import deque
+from dataclasses import dataclass
+
+import torch
+from transformers import DynamicCache
+
+from aligndial.dualpath import DualPathModel
+from aligndial.pair import RealignedPair
+from aligndial.serve.batch import BatchCache
+
+log = logging.getLogger("aligndial.serve")
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    """Continue `prompt_ids` `n` times. `lam` holds one weight per aligned model (None for a plain
+    model). temperature 0 is greedy; top_k 0 is off; sequence i samples with `seed + i`."""
+
+    prompt_ids: list[int]
+    max_tokens: int
+    lam: list[float] | None = None
+    n: int = 1
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    seed: int | None = None
+
+
+@dataclass(frozen=True)
+class TokenEvent:
+    """One generated token of sequence `index`; the last event of a sequence has a finish_reason:
+    "stop" (an end-of-sequence token, included as `token_id`), "length" (max_tokens) or "error"
+    (then `token_id` is None and `error` says what happened)."""
+
+    index: int
+    token_id: int | None
+    finish_reason: str | None = None
+    error: str | None = None
+
+
+class EngineOverloaded(Exception):
+    """More sequences than `max_concurrency + max_queue` would be in flight."""
+
+
+class EngineUnavailable(Exception):
+    """The engine is shutting down, or its thread has died."""
+
+
+class Generation:
+    """What `submit` returns: an async iterator of `TokenEvent`s for the request's n sequences,
+    which ends when each has finished. `cancel()` stops them (the client went away), and
+    `cancel(i)` stops sequence i (a stop string was found)."""
+
+    def __init__(self, request: GenerationRequest, loop: asyncio.AbstractEventLoop):
+        self.request = request
+        self._loop = loop
+        self._events: asyncio.Queue[TokenEvent | None] = asyncio.Queue()
+        self._done: set[int] = set()  # finished or cancelled, seen from the event loop
+        self.cancelled: set[int] = set()  # read by the engine thread between steps
+
+    def cancel(self, index: int | None = None) -> None:
+        indices = range(self.request.n) if index is None else [index]
+        self.cancelled.update(indices)
+        self._done.update(indices)
+        self._events.put_nowait(None)  # wake a reader waiting for an event that will not come
+
+    def __aiter__(self):
+        return self
+
+    async def __anext__(self) -> TokenEvent:
+        while len(self._done) < self.request.n:
+            event = await self._events.get()
+            if event is None or event.index in self._done:
+                continue
+            if event.finish_reason is not None:
+                self._done.add(event.index)
+            return event
+        raise StopAsyncIteration
+
+    def emit(self, event: TokenEvent) -> None:
+        """Called from the engine thread."""
+        try:
+            self._loop.call_soon_threadsafe(self._events.put_nowait, event)
+        except RuntimeError:  # the event loop is closed: nobody is listening any more
+            self.cancelled.update(range(self.request.n))
+
+
+@dataclass
+class _Row:
+    """One sequence in the running batch."""
+
+    generation: Generation
+    index: int
+    generator: torch.Generator
+    position: int  # position id of the next token fed (= tokens so far)
+    token: int = -1  # the last sampled token, fed at the next step
+    produced: int = 0
+    finished: bool = False
+
+    @property
+    def request(self) -> GenerationRequest:
+        return self.generation.request
+
+    @property
+    def gone(self) -> bool:
+        return self.finished or self.index in self.generation.cancelled
+
+
+def _members(model) -> list:
+    if isinstance(model, RealignedPair):
+        return model.members
+    return [model.base if isinstance(model, DualPathModel) else model]
+
+
+def context_length(model, tokenizer) -> int:
+    """The longest sequence (prompt + generated tokens) every member model and the tokenizer allow."""
+    limits = [getattr(m.config, "max_position_embeddings", None) for m in _members(model)]
+    limits.append(tokenizer.model_max_length if tokenizer.model_max_length < 10**9 else None)  # HF's "unset" is 1e30
+    known = [x for x in limits if x]
+    if not known:
+        raise ValueError("cannot tell the context length: the config has no max_position_embeddings and the "
+                         "tokenizer no model_max_length; set `tokenizer.model_max_length`")
+    return min(known)
+
+
+def sample(logits: torch.Tensor, request: GenerationRequest, generator: torch.Generator) -> int:
+    """One token id from (V,) float32 logits: greedy at temperature 0, else temperature, top-k and
+    top-p (the most likely token always survives), then a draw from the row's own generator."""
+    if request.temperature == 0:
+        return int(logits.argmax())
+    logits = logits / request.temperature
+    if 0 < request.top_k < logits.shape[-1]:
+        kth = torch.topk(logits, request.top_k).values[-1]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if request.top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, descending=True)
+        probs = torch.softmax(sorted_logits, dim=-1)
+        drop = probs.cumsum(-1) - probs > request.top_p  # tokens entirely past the nucleus
+        logits = logits.index_fill(-1, order[drop], float("-inf"))
+    return int(torch.multinomial(torch.softmax(logits, dim=-1), 1, generator=generator))
+
+
+class HFEngine:
+    """Continuous batching over a Hugging Face model: a `RealignedPair`, a `DualPathModel`, or a
+    plain causal LM (`n_aligned` 0, no λ). At most `max_concurrency` sequences decode together and
+    `max_queue` more may wait; `submit` refuses the rest (HTTP 429)."""
+
+    def __init__(self, model, tokenizer, n_aligned: int, max_concurrency: int = 8, max_queue: int = 64):
+        if max_concurrency < 1 or max_queue < 0:
+            raise ValueError(f"`--max-concurrency` must be ≥ 1 and `--max-queue` ≥ 0; got {max_concurrency} and {max_queue}")
+        for m in _members(model):
+            if "position_ids" not in inspect.signature(m.forward).parameters:
+                raise ValueError(f"{type(m).__name__} takes no position_ids, so padded rows cannot keep their positions; "
+                                 "the batching engine cannot serve it")
+        self.model, self.tokenizer, self.n_aligned = model, tokenizer, n_aligned
+        self.max_concurrency, self.max_queue = max_concurrency, max_queue
+        self.context_length = context_length(model, tokenizer)
+        eos = model.generation_config.eos_token_id
+        self.eos_ids = set(eos if isinstance(eos, list) else [] if eos is None else [eos])
+        self.device = next(model.parameters()).device
+        self.counters = {"prefills": 0, "decode_steps": 0, "decode_rows": 0, "generated_tokens": 0}
+        self._lock = threading.Condition()
+        self._waiting: deque[Generation] = deque()
+        self._admitted = 0  # sequences submitted and not yet finished
+        self._running = 0
+        self._stopping = False
+        self._rows: list[_Row] = []
+        self._batch: BatchCache | None = None
+        self._thread = threading.Thread(target=self._run, name="aligndial-engine", daemon=True)
+        self._check_layout()
+
+    # --- the interface the app uses (event-loop side) ------------------------------------------------
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def healthy(self) -> bool:
+        return self._thread.is_alive() and not self._stopping
+
+    def submit(self, request: GenerationRequest) -> Generation:
+        """Queue a request; raises `EngineOverloaded` or `EngineUnavailable` instead of queueing
+        without bound. Call from the event loop that will read the events."""
+        generation = Generation(request, asyncio.get_running_loop())
+        with self._lock:
+            if self._stopping or not self._thread.is_alive():
+                raise EngineUnavailable("the engine is shutting down" if self._stopping else "the engine thread is not running")
+            if self._admitted + request.n > self.max_concurrency + self.max_queue:
+                raise EngineOverloaded(f"{self._admitted} sequences are in flight and the server takes at most "
+                                       f"{self.max_concurrency} running + {self.max_queue} waiting")
+            self._admitted += request.n
+            self._waiting.append(generation)
+            self._lock.notify()
+        return generation
+
+    def stats(self) -> dict:
+        with self._lock:
+            return {"running": self._running, "waiting": self._admitted - self._running, **self.counters}
+
+    def shutdown(self, timeout: float | None = None) -> None:
+        """Refuse new requests, let the admitted ones finish, then stop the thread."""
+        with self._lock:
+            self._stopping = True
+            self._lock.notify()
+        if self._thread.is_alive():
+            self._thread.join(timeout)
+
+    # --- the engine thread ---------------------------------------------------------------------------
+
+    def _run(self) -> None:
+        try:
+            with torch.inference_mode():
+                while True:
+                    with self._lock:
+                        while not self._waiting and not self._rows and not self._stopping:
+                            self._lock.wait()
+                        if not self._waiting and not self._rows:
+                            return  # stopping, and everything admitted has finished
+                        admitted = self._take_waiting()
+                    for generation in admitted:
+                        self._prefill(generation)
+                    self._prune()
+                    if self._rows:
+                        self._decode_step()
+                        self._prune()
+        except BaseException:
+            log.exception("the engine thread died")
+            raise
+        finally:  # after a crash, nobody may wait forever (after a drain, nothing is left)
+            with self._lock:
+                waiting, self._waiting = list(self._waiting), deque()
+            rows, self._rows = self._rows, []
+            self._fail(rows, "the engine stopped")
+            for generation in waiting:
+                for i in range(generation.request.n):
+                    generation.emit(TokenEvent(i, None, "error", "the engine stopped"))
+            self._account(sum(g.request.n for g in waiting))
+
+    def _take_waiting(self) -> list[Generation]:
+        """Pop waiting requests, in order, while their sequences fit in the free rows (lock held)."""
+        taken, free = [], self.max_concurrency - len(self._rows)
+        while self._waiting:
+            head = self._waiting[0]
+            if len(head.cancelled) == head.request.n:  # the client left while it waited
+                self._waiting.popleft()
+                self._admitted -= head.request.n
+            elif head.request.n <= free:
+                taken.append(self._waiting.popleft())
+                free -= head.request.n
+            else:
+                break
+        return taken
+
+    def _new_cache(self):
+        return self.model.new_cache() if self.n_aligned else DynamicCache(config=self.model.config)
+
+    def _forward(self, input_ids, mask, positions, cache, lam) -> torch.Tensor:
+        """(B, V) float32 next-token logits, λ-mixed by the model itself."""
+        kwargs = dict(attention_mask=mask, position_ids=positions, past_key_values=cache, use_cache=True, logits_to_keep=1)
+        if self.n_aligned:
+            kwargs.update(lam=lam, run_all=True)
+        logits = self.model(input_ids, **kwargs).logits[:, -1].float()
+        if torch.isnan(logits).any():  # a mixed model raises on NaN itself; a plain one does not
+            raise ValueError("the model's logits contain NaN; check its weights and dtype")
+        return logits
+
+    def _lam(self, rows: list[_Row]) -> torch.Tensor | None:
+        return torch.tensor([r.request.lam for r in rows], dtype=torch.float32) if self.n_aligned else None
+
+    def _check_layout(self) -> None:
+        """A one-token forward at startup: the model runs, and its cache can be batched."""
+        with torch.inference_mode():
+            cache = self._new_cache()
+            ids = torch.tensor([[self.tokenizer.bos_token_id or 0]], device=self.device)
+            lam = torch.ones(1, self.n_aligned) if self.n_aligned else None
+            self._forward(ids, torch.ones_like(ids), torch.zeros_like(ids), cache, lam)
+            BatchCache(cache, torch.ones_like(ids))
+
+    def _prefill(self, generation: Generation) -> None:
+        """Run the prompt alone, sample the first token of each of its n sequences, and append
+        their rows (copies of the prompt's cache) to the running batch."""
+        request = generation.request
+        ids = torch.tensor([request.prompt_ids], device=self.device)  # (1, T)
+        mask, positions = torch.ones_like(ids), torch.arange(ids.shape[1], device=self.device)[None]
+        rows = [_Row(generation, i, self._generator(request, i), position=ids.shape[1]) for i in range(request.n)]
+        try:
+            cache = self._new_cache()
+            logits = self._forward(ids, mask, positions, cache, self._lam(rows[:1]))
+            self.counters["prefills"] += 1
+            new = BatchCache(cache, mask)
+            if request.n > 1:
+                new.select([0] * request.n)
+        except Exception as e:
+            log.exception("prefill failed")
+            self._fail(rows, f"prefill failed: {type(e).__name__}: {e}")
+            return
+        if self._batch is None:
+            self._batch = new
+        else:
+            self._batch.append(new)
+        self._rows += rows
+        self._account()
+        self._advance(rows, logits.expand(request.n, -1))
+
+    def _decode_step(self) -> None:
+        rows = self._rows
+        try:
+            mask = self._batch.grow()
+            ids = torch.tensor([[r.token] for r in rows], device=self.device)
+            positions = torch.tensor([[r.position] for r in rows], device=self.device)
+            logits = self._forward(ids, mask, positions, self._batch.cache, self._lam(rows))
+        except Exception as e:
+            log.exception("decode step failed")
+            self._rows, self._batch = [], None
+            self._fail(rows, f"decode step failed: {type(e).__name__}: {e}")
+            return
+        self.counters["decode_steps"] += 1
+        self.counters["decode_rows"] += len(rows)
+        for r in rows:
+            r.position += 1
+        self._advance(rows, logits)
+
+    def _advance(self, rows: list[_Row], logits: torch.Tensor) -> None:
+        """Sample one token per live row from its (V,) logits and emit it."""
+        for row, row_logits in zip(rows, logits):
+            if row.gone:
+                continue
+            token = sample(row_logits, row.request, row.generator)
+            row.token, row.produced = token, row.produced + 1
+            finish = "stop" if token in self.eos_ids else "length" if row.produced >= row.request.max_tokens else None
+            row.finished = finish is not None
+            self.counters["generated_tokens"] += 1
+            row.generation.emit(TokenEvent(row.index, token, finish))
+
+    def _prune(self) -> None:
+        """Drop finished and cancelled rows from the batch."""
+        keep = [i for i, r in enumerate(self._rows) if not r.gone]
+        if len(keep) == len(self._rows):
+            return
+        finished = len(self._rows) - len(keep)
+        self._rows = [self._rows[i] for i in keep]
+        if keep:
+            self._batch.select(keep)
+        else:
+            self._batch = None
+        self._account(finished)
+
+    def _fail(self, rows: list[_Row], message: str) -> None:
+        """End `rows`, which are no longer in the batch, with an error event each."""
+        for r in rows:
+            if not r.gone:
+                r.generation.emit(TokenEvent(r.index, None, "error", message))
+            r.finished = True
+        self._account(len(rows))
+
+    def _account(self, finished: int = 0) -> None:
+        """Update the counts that `submit` and `stats` read on the event loop."""
+        with self._lock:
+            self._admitted -= finished
+            self._running = len(self._rows)
+
+    @staticmethod
+    def _generator(request: GenerationRequest, index: int) -> torch.Generator:
+        generator = torch.Generator()
+        if request.seed is None:
+            generator.seed()
+        else:
+            generator.manual_seed(request.seed + index)
+        return generator

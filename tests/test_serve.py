@@ -1,0 +1,568 @@
+"""`aligndial serve`, end to end: the real `openai` client (and raw httpx for malformed bodies)
+against uvicorn on 127.0.0.1. Oracles: `aligndial generate` (greedy), i.e. the pair and the dual
+path on the stock transformers generation stack, and plain transformers for a plain model.
+
+Every RELIABILITY.md case 1–11 is here, each followed by a request that must succeed.
+"""
+
+import asyncio
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import openai
+import pytest
+import torch
+import uvicorn
+from transformers import AutoModelForCausalLM
+
+from aligndial.adapter import decoder_layers, insert_adapter, save_adapter
+from aligndial.cli import main
+from aligndial.dualpath import DualPathModel
+from aligndial.loading import load_tokenizer
+from aligndial.pair import RealignedPair
+from aligndial.serve import HFEngine, ServerSettings, create_app
+from aligndial.tiny import build_model, save
+
+NAME = "tiny"
+PROMPT = "The quick brown fox"
+
+
+class Server:
+    """uvicorn serving `create_app(engine, settings)` from a background thread, on a free port."""
+
+    def __init__(self, engine, **settings):
+        self.engine = engine
+        app = create_app(engine, ServerSettings(model_name=NAME, **settings))
+        self.uvicorn = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning"))
+        self.thread = threading.Thread(target=self.uvicorn.run, daemon=True)
+
+    def __enter__(self):
+        self.thread.start()
+        deadline = time.monotonic() + 30
+        while not self.uvicorn.started:
+            assert time.monotonic() < deadline and self.thread.is_alive(), "the server did not start"
+            time.sleep(0.02)
+        self.url = f"http://127.0.0.1:{self.uvicorn.servers[0].sockets[0].getsockname()[1]}"
+        return self
+
+    def __exit__(self, *exc):
+        self.uvicorn.should_exit = True
+        self.thread.join(30)
+
+    def client(self, **kw) -> openai.OpenAI:
+        return openai.OpenAI(base_url=self.url + "/v1", api_key=kw.pop("api_key", "unused"), max_retries=0,
+                             timeout=kw.pop("timeout", 60), **kw)
+
+    def post(self, path: str, body, headers: dict | None = None) -> httpx.Response:
+        content = body if isinstance(body, bytes) else json.dumps(body).encode()
+        return httpx.post(self.url + path, content=content, timeout=60,
+                          headers={"content-type": "application/json", **(headers or {})})
+
+    def metrics(self) -> dict[str, float]:
+        lines = httpx.get(self.url + "/metrics", timeout=10).text.splitlines()
+        return {k: float(v) for k, v in (line.rsplit(" ", 1) for line in lines if not line.startswith("#"))}
+
+    def assert_serves(self, **kw) -> None:
+        """The check after every error: a valid request still succeeds."""
+        r = self.post("/v1/completions", {"model": NAME, "prompt": "Hello", "max_tokens": 2, "temperature": 0, **kw})
+        assert r.status_code == 200, r.text
+        assert r.json()["usage"]["completion_tokens"] >= 1
+
+
+def wait_for(condition, seconds: float = 5.0) -> bool:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if condition():
+            return True
+        time.sleep(0.02)
+    return condition()
+
+
+def oracle(capsys, *flags) -> list[list[int]]:
+    """Greedy token ids from `aligndial generate --json`, one list per `--prompt`."""
+    assert main(["generate", *flags, "--json"]) == 0
+    return [json.loads(line)["token_ids"] for line in capsys.readouterr().out.splitlines()]
+
+
+def completion_ids(client, prompt=PROMPT, lam=None, max_tokens=12, **kw) -> list[int]:
+    extra = {"return_token_ids": True, **({} if lam is None else {"alignment_strength": lam})}
+    r = client.completions.create(model=NAME, prompt=prompt, max_tokens=max_tokens, temperature=kw.pop("temperature", 0),
+                                  extra_body=extra, **kw)
+    return r.choices[0].model_extra["token_ids"]
+
+
+def error_of(r: httpx.Response, status: int) -> dict:
+    assert r.status_code == status, r.text
+    err = r.json()["error"]
+    assert set(err) == {"message", "type", "param", "code"}
+    return err
+
+
+def sse_events(lines) -> list:
+    """The data payloads of an SSE stream: parsed JSON, or the string "[DONE]"."""
+    out = []
+    for line in lines:
+        if line.startswith("data: "):
+            data = line[len("data: "):]
+            out.append(data if data == "[DONE]" else json.loads(data))
+    return out
+
+
+# --- servers -----------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def llama(model_dirs):
+    return model_dirs["llama"]  # (ref, aligned, aligned2)
+
+
+@pytest.fixture(scope="module")
+def pair_server(llama):
+    ref, aligned, _ = llama
+    pair = RealignedPair.from_pretrained(ref, aligned)
+    with Server(HFEngine(pair, pair.tokenizer, 1, max_concurrency=8, max_queue=8)) as server:
+        yield server
+
+
+@pytest.fixture(scope="module")
+def adapter_dir(tok, tmp_path_factory):
+    """A layer adapter for the llama reference model, perturbed away from the identity."""
+    model = build_model("llama", tok, seed=0)
+    insert_adapter(model, num_layers=1, init="identity")
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for p in decoder_layers(model)[0].parameters():
+            p.add_(torch.randn(p.shape, generator=g) * 0.3)
+    return str(save_adapter(model, tmp_path_factory.mktemp("adapter") / "adapter"))
+
+
+@pytest.fixture(scope="module")
+def dual_server(llama, adapter_dir):
+    dual = DualPathModel.from_adapter(AutoModelForCausalLM.from_pretrained(llama[0]), adapter_dir)
+    with Server(HFEngine(dual, load_tokenizer(llama[0]), 1, max_concurrency=8, max_queue=8)) as server:
+        yield server
+
+
+@pytest.fixture(scope="module")
+def strict_server(llama):
+    """An API key, and room for one running and one waiting sequence."""
+    ref, aligned, _ = llama
+    pair = RealignedPair.from_pretrained(ref, aligned)
+    with Server(HFEngine(pair, pair.tokenizer, 1, max_concurrency=1, max_queue=1), api_key="sekret-key-42") as server:
+        yield server
+
+
+# --- the API ---------------------------------------------------------------------------------------------
+
+
+def test_models_and_completion_match_aligndial_generate(pair_server, llama, capsys):
+    ref, aligned, _ = llama
+    client = pair_server.client()
+    assert [m.id for m in client.models.list().data] == [NAME]
+    expected = oracle(capsys, "--ref", ref, "--aligned", aligned, "--lam", "0.5", "--prompt", PROMPT, "--max-new-tokens", "12")
+    r = client.completions.create(model=NAME, prompt=PROMPT, max_tokens=12, temperature=0,
+                                  extra_body={"alignment_strength": 0.5, "return_token_ids": True})
+    assert r.choices[0].model_extra["token_ids"] == expected[0]
+    assert r.alignment_strength == 0.5
+    assert r.usage.completion_tokens == len(expected[0]) and r.choices[0].finish_reason in ("length", "stop")
+    assert r.choices[0].text == pair_server.engine.tokenizer.decode(expected[0], skip_special_tokens=True)
+    # `lam` is the same field; λ changes the output; the default λ is 1.
+    assert completion_ids(client) == completion_ids(client, lam=1.0)
+    lam_ids = client.completions.create(model=NAME, prompt=PROMPT, max_tokens=12, temperature=0,
+                                        extra_body={"lam": 0.5, "return_token_ids": True}).choices[0].model_extra["token_ids"]
+    assert lam_ids == expected[0] != completion_ids(client, lam=0.0)
+
+
+def test_chat_streamed_and_not_match_aligndial_generate(pair_server, llama, capsys):
+    ref, aligned, _ = llama
+    client = pair_server.client()
+    expected = oracle(capsys, "--ref", ref, "--aligned", aligned, "--lam", "2", "--prompt", "Hello", "--chat",
+                      "--max-new-tokens", "10")[0]
+    kw = dict(model=NAME, messages=[{"role": "user", "content": "Hello"}], max_tokens=10, temperature=0,
+              extra_body={"alignment_strength": 2.0, "return_token_ids": True})
+    whole = client.chat.completions.create(**kw)
+    assert whole.choices[0].model_extra["token_ids"] == expected and whole.alignment_strength == 2.0
+    assert whole.choices[0].message.role == "assistant"
+    chunks = list(client.chat.completions.create(**kw, stream=True))
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert "".join(c.choices[0].delta.content or "" for c in chunks) == whole.choices[0].message.content
+    assert sum((c.choices[0].model_extra.get("token_ids", []) for c in chunks), []) == expected
+    assert chunks[-1].choices[0].finish_reason == whole.choices[0].finish_reason
+
+
+def test_completion_stream_ends_with_done_and_reports_usage(pair_server):
+    client = pair_server.client()
+    whole = client.completions.create(model=NAME, prompt=PROMPT, max_tokens=15, temperature=0)
+    chunks = list(client.completions.create(model=NAME, prompt=PROMPT, max_tokens=15, temperature=0, stream=True,
+                                            stream_options={"include_usage": True}))
+    assert "".join(c.choices[0].text for c in chunks if c.choices) == whole.choices[0].text
+    assert chunks[-1].usage.completion_tokens == whole.usage.completion_tokens
+    r = pair_server.post("/v1/completions", {"model": NAME, "prompt": PROMPT, "max_tokens": 4, "stream": True})
+    assert r.headers["content-type"].startswith("text/event-stream")
+    assert sse_events(r.text.splitlines())[-1] == "[DONE]"
+
+
+def test_stop_strings_n_and_seeds(pair_server):
+    client = pair_server.client()
+    full = client.completions.create(model=NAME, prompt=PROMPT, max_tokens=20, temperature=0).choices[0].text
+    stop = next(full[i : i + 2] for i in range(2, len(full) - 2) if "\ufffd" not in full[i : i + 2])
+    kw = dict(model=NAME, prompt=PROMPT, max_tokens=20, temperature=0, stop=[stop])
+    whole = client.completions.create(**kw).choices[0]
+    chunks = [c.choices[0] for c in client.completions.create(**kw, stream=True)]
+    assert whole.text == "".join(c.text for c in chunks) == full[: full.index(stop)]
+    assert whole.finish_reason == chunks[-1].finish_reason == "stop"
+    two = client.completions.create(model=NAME, prompt=PROMPT, max_tokens=8, temperature=0, n=2)
+    assert [c.index for c in two.choices] == [0, 1] and two.choices[0].text == two.choices[1].text
+    sampled = dict(temperature=0.9, top_p=0.9, seed=7, extra_body={"top_k": 20, "return_token_ids": True})
+    first = client.completions.create(model=NAME, prompt=PROMPT, max_tokens=10, **sampled)
+    again = client.completions.create(model=NAME, prompt=PROMPT, max_tokens=10, **sampled)
+    assert first.choices[0].model_extra["token_ids"] == again.choices[0].model_extra["token_ids"]
+
+
+def test_dual_path_server_matches_aligndial_generate(dual_server, llama, adapter_dir, capsys):
+    expected = oracle(capsys, "--model", llama[0], "--adapter", adapter_dir, "--lam", "0.5", "--prompt", PROMPT,
+                      "--max-new-tokens", "12")[0]
+    assert completion_ids(dual_server.client(), lam=0.5) == expected
+
+
+def test_metrics_in_prometheus_text_format(pair_server):
+    before = pair_server.metrics()
+    error_of(pair_server.post("/v1/completions", {"prompt": "Hi", "max_tokens": 0}), 400)
+    pair_server.assert_serves()
+    after = pair_server.metrics()
+
+    def grew(key):
+        return after.get(key, 0) - before.get(key, 0)
+
+    assert grew('aligndial_requests_total{endpoint="/v1/completions",status="400"}') == 1
+    assert grew('aligndial_requests_total{endpoint="/v1/completions",status="200"}') == 1
+    assert grew('aligndial_errors_total{type="invalid_request_error"}') == 1
+    assert grew("aligndial_generation_tokens_total") == 2 and grew("aligndial_prompt_tokens_total") >= 1
+    assert after["aligndial_queue_depth"] == after["aligndial_requests_in_flight"] == 0
+    assert after["aligndial_engine_up"] == 1
+    text = httpx.get(pair_server.url + "/metrics").text
+    assert "# TYPE aligndial_queue_depth gauge" in text and "# TYPE aligndial_requests_total counter" in text
+
+
+# --- RELIABILITY.md case 11: per-row greedy is exact inside a concurrent mixed-λ batch ------------------
+
+BATCH = [  # (prompt, λ, max_tokens): different lengths, so rows are padded and join and leave at different steps
+    ("The quick brown fox", 0.0, 12), ("Hello", 0.5, 24), ("Numbers such as 12 and 345 appear", 2.0, 6),
+    ("Once upon a time there was", -1.0, 18), ("Hello", 1.0, 9), ("A careful assistant answers", 0.5, 15),
+]
+
+
+@pytest.mark.parametrize("which", ["pair_server", "dual_server"])
+def test_alone_and_in_a_concurrent_mixed_lam_batch_give_the_same_tokens(which, request):
+    server = request.getfixturevalue(which)
+    client = server.client()
+    alone = [completion_ids(client, p, lam, n) for p, lam, n in BATCH]
+    before = server.metrics()
+    start = threading.Barrier(len(BATCH))
+
+    def together(i):
+        start.wait()
+        time.sleep(0.02 * i)  # staggered, so rows also join a batch that is already decoding
+        return completion_ids(client, *BATCH[i])
+
+    with ThreadPoolExecutor(len(BATCH)) as pool:
+        batched = list(pool.map(together, range(len(BATCH))))
+    after = server.metrics()
+    assert batched == alone
+    steps = after["aligndial_decode_steps_total"] - before["aligndial_decode_steps_total"]
+    rows = after["aligndial_decode_rows_total"] - before["aligndial_decode_rows_total"]
+    assert rows / steps > 1.5, "the requests should have shared decode steps"
+    server.assert_serves()
+
+
+# --- RELIABILITY.md cases 1–6 ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("body", [b"{not json", b"[]", b"null", b'"a string"', b"", b"[1, 2]"])
+def test_case1_bodies_that_are_not_objects_give_400(pair_server, body):
+    err = error_of(pair_server.post("/v1/completions", body), 400)
+    assert err["type"] == "invalid_request_error"
+    pair_server.assert_serves()
+
+
+@pytest.mark.parametrize("value", [b"NaN", b"Infinity", b"-Infinity", b"1e400", b'"nan"', b'"0.5"', b"[0.5, NaN]", b"true"])
+@pytest.mark.parametrize("field", ["alignment_strength", "lam"])
+def test_case2_non_finite_lam_gives_400_naming_the_field(pair_server, field, value):
+    body = b'{"model": "tiny", "prompt": "Hi", "max_tokens": 2, "%s": %s}' % (field.encode(), value)
+    err = error_of(pair_server.post("/v1/completions", body), 400)
+    assert err["param"] == field and f"`{field}`" in err["message"], err
+    pair_server.assert_serves()
+
+
+@pytest.mark.parametrize("lam", [10.5, -6, [0.5, 0.5]])
+def test_case3_lam_beyond_the_range_or_shape_gives_400(pair_server, lam):
+    err = error_of(pair_server.post("/v1/completions", {"prompt": "Hi", "alignment_strength": lam}), 400)
+    assert err["param"] == "alignment_strength"
+    assert ("[-5.0, 10.0]" in err["message"]) == (not isinstance(lam, list)), err["message"]
+    pair_server.assert_serves()
+
+
+@pytest.mark.parametrize("field, value", [
+    ("max_tokens", 0), ("max_tokens", -1), ("max_tokens", 1.5), ("max_tokens", "10"), ("temperature", "NaN"),
+    ("temperature", -0.5), ("temperature", "1e400"), ("top_p", 0), ("top_p", 1.5), ("top_p", "NaN"), ("n", 0),
+    ("n", 9), ("top_k", -1), ("seed", "x"), ("stop", 3), ("stream", "yes"),
+])
+def test_case4_sampling_fields_out_of_bounds_give_400(pair_server, field, value):
+    raw = value if value in ("NaN", "1e400") else json.dumps(value)  # NaN as the bare JSON extension
+    body = b'{"model": "tiny", "prompt": "Hi", "%s": %s}' % (field.encode(), raw.encode())
+    err = error_of(pair_server.post("/v1/completions", body), 400)
+    assert err["param"] == field and f"`{field}`" in err["message"], err
+    pair_server.assert_serves()
+
+
+def test_case4_chat_fields_are_checked_too(pair_server):
+    for body in ({"messages": []}, {"messages": [{"role": "user"}]}, {"messages": "Hi"},
+                 {"messages": [{"role": "user", "content": "Hi"}], "max_completion_tokens": 0}):
+        err = error_of(pair_server.post("/v1/chat/completions", body), 400)
+        assert err["param"] in ("messages", "max_completion_tokens"), err
+    pair_server.assert_serves()
+
+
+def test_case5_prompts_beyond_the_context_give_400_with_the_numbers(pair_server):
+    tok = pair_server.engine.tokenizer
+    assert pair_server.engine.context_length == 256
+    long_prompt = "Hello " * 300
+    n = len(tok(long_prompt)["input_ids"])
+    err = error_of(pair_server.post("/v1/completions", {"prompt": long_prompt, "max_tokens": 1}), 400)
+    assert f"{n} tokens" in err["message"] and "256" in err["message"] and err["param"] == "prompt"
+    p = len(tok(PROMPT)["input_ids"])
+    err = error_of(pair_server.post("/v1/completions", {"prompt": PROMPT, "max_tokens": 256}), 400)
+    assert f"({p} tokens) + max_tokens (256) = {p + 256}" in err["message"] and f"at most {256 - p}" in err["message"]
+    err = error_of(pair_server.post("/v1/chat/completions", {"messages": [{"role": "user", "content": long_prompt}]}), 400)
+    assert err["param"] == "messages"
+    pair_server.assert_serves(max_tokens=256 - len(tok("Hello")["input_ids"]))  # exactly the context: accepted
+
+
+def test_case6_unknown_model_gives_404(pair_server):
+    err = error_of(pair_server.post("/v1/completions", {"model": "gpt-4", "prompt": "Hi"}), 404)
+    assert err["param"] == "model" and err["code"] == "model_not_found" and "tiny" in err["message"]
+    with pytest.raises(openai.NotFoundError):
+        pair_server.client().chat.completions.create(model="nope", messages=[{"role": "user", "content": "Hi"}])
+    error_of(httpx.get(pair_server.url + "/v1/nothing-here"), 404)
+    pair_server.assert_serves()
+
+
+# --- RELIABILITY.md cases 7–10 ------------------------------------------------------------------------------
+
+
+def test_case7_api_keys(strict_server):
+    headers = {"authorization": "Bearer sekret-key-42"}
+    for bad in ({}, {"authorization": "Bearer wrong"}, {"authorization": "sekret-key-42"}):
+        err = error_of(strict_server.post("/v1/completions", {"prompt": "Hi"}, bad), 401)
+        assert "sekret" not in json.dumps(err)
+    error_of(httpx.get(strict_server.url + "/v1/models"), 401)
+    with pytest.raises(openai.AuthenticationError):
+        strict_server.client(api_key="wrong").models.list()
+    assert httpx.get(strict_server.url + "/health").status_code == 200  # stays open
+    assert strict_server.client(api_key="sekret-key-42").completions.create(model=NAME, prompt="Hi", max_tokens=2).usage
+    r = strict_server.post("/v1/completions", {"prompt": "Hi", "max_tokens": 2}, headers)
+    assert r.status_code == 200, r.text
+
+
+def test_case8_more_requests_than_the_limit_get_429_and_admitted_ones_complete(strict_server):
+    headers = {"authorization": "Bearer sekret-key-42", "content-type": "application/json"}
+    body = json.dumps({"prompt": "Hello", "max_tokens": 150, "stream": True, "temperature": 0})
+    url = strict_server.url + "/v1/completions"
+    with httpx.Client(timeout=60) as c:
+        with c.stream("POST", url, content=body, headers=headers) as running, \
+                c.stream("POST", url, content=body, headers=headers) as waiting:
+            assert running.status_code == waiting.status_code == 200
+            refused = c.post(url, content=body, headers=headers)
+            err = error_of(refused, 429)
+            assert refused.headers["retry-after"] == "1" and err["type"] == "overloaded_error"
+            for r in (running, waiting):
+                events = sse_events(r.iter_lines())
+                assert events[-1] == "[DONE]" and events[-2]["choices"][0]["finish_reason"] is not None
+    assert wait_for(lambda: strict_server.metrics()["aligndial_requests_in_flight"] == 0)
+    r = strict_server.post("/v1/completions", {"prompt": "Hi", "max_tokens": 2}, headers)
+    assert r.status_code == 200, r.text
+
+
+@pytest.mark.parametrize("stream", [True, False])
+def test_case9_a_client_that_disconnects_stops_its_generation(pair_server, stream):
+    before = pair_server.metrics()["aligndial_generation_tokens_total"]
+    body = {"model": NAME, "prompt": "Hello", "max_tokens": 240, "stream": stream, "temperature": 0}
+    if stream:  # read two chunks, then hang up
+        with httpx.Client(timeout=60) as c, c.stream("POST", pair_server.url + "/v1/completions", json=body) as r:
+            lines = r.iter_lines()
+            for _ in range(2):
+                next(line for line in lines if line.startswith("data: "))
+    else:  # give up waiting for the whole answer
+        with pytest.raises(httpx.ReadTimeout):
+            httpx.post(pair_server.url + "/v1/completions", json=body, timeout=0.3)
+    # The connection is closed: the server cancels the generation long before its 240 tokens.
+    assert wait_for(lambda: (m := pair_server.metrics())["aligndial_requests_in_flight"] == 0
+                    and m["aligndial_sequences_running"] == 0 and m["aligndial_queue_depth"] == 0)
+    produced = pair_server.metrics()["aligndial_generation_tokens_total"] - before
+    assert produced < 240, produced
+    pair_server.assert_serves()
+
+
+def test_case10_error_after_the_first_chunk_gives_an_error_event_then_done(llama, tmp_path, capsys):
+    """A real failure mid-stream: the aligned model's embedding of the first generated token is
+    NaN, so the step that feeds it back yields NaN logits, which the mixing refuses."""
+    ref, aligned, _ = llama
+    first = oracle(capsys, "--ref", ref, "--aligned", aligned, "--lam", "0.5", "--prompt", "Hello",
+                   "--max-new-tokens", "1")[0][0]
+    tok = load_tokenizer(ref)
+    assert first not in tok("Hello")["input_ids"] and first != tok.bos_token_id
+    broken = AutoModelForCausalLM.from_pretrained(aligned)
+    with torch.no_grad():
+        broken.get_input_embeddings().weight[first] = float("nan")
+    pair = RealignedPair(AutoModelForCausalLM.from_pretrained(ref).eval(), [broken.eval()], tokenizer=tok)
+    with Server(HFEngine(pair, tok, 1)) as server:
+        body = {"model": NAME, "prompt": "Hello", "max_tokens": 5, "stream": True, "temperature": 0,
+                "alignment_strength": 0.5, "return_token_ids": True}
+        with httpx.stream("POST", server.url + "/v1/completions", json=body, timeout=60) as r:
+            assert r.status_code == 200
+            events = sse_events(r.iter_lines())
+        assert events[0]["choices"][0]["token_ids"] == [first]
+        assert "NaN" in events[1]["error"]["message"] and events[1]["error"]["type"] == "server_error"
+        assert events[2:] == ["[DONE]"]
+        with pytest.raises(openai.APIError, match="NaN"):  # the official client surfaces it too
+            list(server.client().completions.create(model=NAME, prompt="Hello", max_tokens=5, temperature=0,
+                                                    stream=True, extra_body={"alignment_strength": 0.5}))
+        err = error_of(server.post("/v1/completions", {**body, "stream": False}), 500)
+        assert "NaN" in err["message"]
+        assert server.metrics()["aligndial_errors_total{type=\"server_error\"}"] == 3
+        server.assert_serves(max_tokens=1)  # the prompt alone is fine: the engine keeps serving
+
+
+# --- load ----------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_burst_of_200_with_short_timeouts_then_a_normal_request_is_fast(pair_server):
+    async def burst():
+        client = openai.AsyncOpenAI(base_url=pair_server.url + "/v1", api_key="unused", timeout=0.5, max_retries=0)
+        calls = [client.completions.create(model=NAME, prompt=PROMPT, max_tokens=100, temperature=0,
+                                           extra_body={"alignment_strength": i % 5 * 0.5}) for i in range(200)]
+        results = await asyncio.gather(*calls, return_exceptions=True)
+        await client.close()
+        return results
+
+    results = asyncio.run(burst())
+    kinds = {type(r).__name__ for r in results}
+    assert kinds <= {"Completion", "RateLimitError", "APITimeoutError"}, kinds
+    assert "RateLimitError" in kinds
+    start = time.monotonic()
+    r = pair_server.client(timeout=5).completions.create(model=NAME, prompt=PROMPT, max_tokens=8, temperature=0)
+    assert r.usage.completion_tokens >= 1 and time.monotonic() - start < 5
+    assert wait_for(lambda: pair_server.metrics()["aligndial_requests_in_flight"] == 0)
+
+
+# --- plain models, a dead engine, the command line -------------------------------------------------------------
+
+
+def test_plain_model_matches_transformers_and_health_turns_503_when_the_engine_stops(llama):
+    model = AutoModelForCausalLM.from_pretrained(llama[0])
+    tok = load_tokenizer(llama[0])
+    enc = tok([PROMPT], return_tensors="pt")
+    expected = AutoModelForCausalLM.from_pretrained(llama[0]).generate(**enc, max_new_tokens=10, do_sample=False)
+    with Server(HFEngine(model, tok, 0), default_lam=None) as server:
+        assert completion_ids(server.client(), max_tokens=10) == expected[0, enc["input_ids"].shape[1]:].tolist()
+        err = error_of(server.post("/v1/completions", {"prompt": "Hi", "alignment_strength": 0.5}), 400)
+        assert "plain model" in err["message"]
+        server.assert_serves()
+        assert httpx.get(server.url + "/health").status_code == 200
+        server.engine.shutdown(timeout=10)
+        assert error_of(httpx.get(server.url + "/health"), 503)["type"] == "service_unavailable"
+        error_of(server.post("/v1/completions", {"prompt": "Hi"}), 503)
+        assert server.metrics()["aligndial_engine_up"] == 0
+
+
+def test_a_model_whose_cache_cannot_be_left_padded_is_refused_at_startup(tok):
+    with pytest.raises(ValueError, match="DynamicSlidingWindowLayer.*sliding-window"):
+        HFEngine(build_model("gemma2", tok), tok, 0)
+
+
+def test_cli_flags_fail_before_loading(capsys):
+    for argv, message in [
+        (["--engine", "vllm"], "not available yet"),
+        (["--lam-range=3,1"], "LO ≤ HI"),
+        (["--lam-range=nan,1"], "must be finite"),
+        (["--default-lam", "20"], "outside `--lam-range`"),
+    ]:
+        assert main(["serve", "--model", "no-such-model", "--adapter", "no-such-adapter", *argv]) == 2
+        assert message in capsys.readouterr().err
+    assert main(["serve", "--ref", "r", "--aligned", "a", "--aligned", "b"]) == 2
+    assert "--default-lam 0.5,0.5" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_cli_server_two_aligned_models_keys_and_sigterm(llama, tmp_path, capsys):
+    """The real command in a subprocess: a list λ for two aligned models, the key never in the
+    logs, and SIGTERM: the running stream finishes, new connections are refused, the process exits."""
+    ref, a1, a2 = llama
+    expected = oracle(capsys, "--ref", ref, "--aligned", a1, "--aligned", a2, "--lam", "0.5,0.25", "--prompt", PROMPT,
+                      "--max-new-tokens", "12")[0]
+    key = "sk-never-log-me-123"
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    log = open(tmp_path / "server.log", "w+")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "aligndial.cli", "serve", "--ref", ref, "--aligned", a1, "--aligned", a2,
+         "--default-lam", "0.5,0.25", "--lam-range=-2,3", "--port", str(port), "--api-key", key],
+        stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "HF_HUB_OFFLINE": "1"},
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        def up():
+            try:
+                return httpx.get(url + "/health", timeout=1).status_code == 200
+            except httpx.TransportError:
+                return False
+
+        assert wait_for(up, 90), open(tmp_path / "server.log").read()
+        client = openai.OpenAI(base_url=url + "/v1", api_key=key, max_retries=0, timeout=60)
+        name = client.models.list().data[0].id
+        r = client.completions.create(model=name, prompt=PROMPT, max_tokens=12, temperature=0,
+                                      extra_body={"return_token_ids": True})  # the default λ
+        assert r.alignment_strength == [0.5, 0.25] and r.choices[0].model_extra["token_ids"] == expected
+        for lam, says in ((0.5, "2 weight(s)"), ([0.5, 4.0], "[-2.0, 3.0]")):
+            with pytest.raises(openai.BadRequestError, match=re.escape(says)):
+                client.completions.create(model=name, prompt=PROMPT, extra_body={"alignment_strength": lam})
+        with pytest.raises(openai.AuthenticationError):
+            openai.OpenAI(base_url=url + "/v1", api_key="nope", max_retries=0).models.list()
+
+        body = {"model": name, "prompt": "Hello", "max_tokens": 200, "stream": True, "temperature": 0,
+                "return_token_ids": True}
+        with httpx.stream("POST", url + "/v1/completions", json=body, timeout=60,
+                          headers={"authorization": f"Bearer {key}"}) as stream:
+            lines = stream.iter_lines()
+            head = sse_events([next(line for line in lines if line.startswith("data: "))])
+            proc.send_signal(signal.SIGTERM)
+
+            def refused():
+                try:
+                    httpx.get(url + "/health", timeout=1)
+                    return False
+                except httpx.ConnectError:
+                    return True
+
+            assert wait_for(refused, 10), "new connections must be refused once SIGTERM arrives"
+            events = sse_events(lines)
+        assert events[-1] == "[DONE]" and events[-2]["choices"][0]["finish_reason"] == "length"
+        assert sum(len(e["choices"][0]["token_ids"]) for e in head + events[:-1]) == 200  # the whole answer
+        assert proc.wait(30) in (0, -signal.SIGTERM)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
+    output = open(tmp_path / "server.log").read()
+    assert "POST /v1/completions" in output and key not in output
