@@ -25,7 +25,8 @@ demo: $(STAMP)
 	HF_HUB_OFFLINE=1 $(VENV)/bin/aligndial demo
 
 bench: $(STAMP)
-	HF_HUB_OFFLINE=1 $(PY) benchmarks/pair_speed.py
+	cd benchmarks && for b in pair_speed dualpath_speed train_speed serve_throughput; do \
+		HF_HUB_OFFLINE=1 ../$(PY) $$b.py || exit 1; done
 
 clean:
 	rm -rf $(VENV) build src/*.egg-info .pytest_cache

@@ -8,7 +8,8 @@ strength λ, and concurrent requests with different λ share forward passes.
 
 Files: protocol.py (request bodies and their bounds), errors.py (OpenAI error objects),
 engine.py (the batching engine), batch.py (rows joining and leaving a KV cache), app.py (routes,
-`create_app(engine, settings)`). This module turns the command's flags into those pieces.
+`create_app(engine, settings)`), static/ (the playground page at /). This module turns the
+command's flags into those pieces.
 """
 
 from __future__ import annotations

@@ -2,7 +2,9 @@
 
 Routes: GET /v1/models, POST /v1/completions, POST /v1/chat/completions (streamed as SSE ending
 with `data: [DONE]`, or not), GET /health (200, or 503 when the engine is not running) and
-GET /metrics (Prometheus text format).
+GET /metrics (Prometheus text format). The playground page is served at / and /playground
+(static/: one HTML, one JS, one CSS file), with GET /playground/config telling it the λ range;
+the page, its files and its config are open, and the page calls /v1/* like any other client.
 
 The app owns everything about text and HTTP: it validates a request (protocol.py for field
 bounds; here the model name, λ against the server's range, and the context length), tokenizes
@@ -26,9 +28,11 @@ import uuid
 from collections import Counter
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
+from fastapi.staticfiles import StaticFiles
 from jinja2 import TemplateError
 
 from aligndial.generation import render_prompts
@@ -38,6 +42,7 @@ from aligndial.serve.protocol import ChatCompletionRequest, CompletionRequest, _
 
 log = logging.getLogger("aligndial.serve")
 
+STATIC = Path(__file__).parent / "static"
 COMPLETION_DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions; chat defaults to the rest of the context
 
 
@@ -379,6 +384,20 @@ def create_app(engine, settings: ServerSettings) -> FastAPI:
     @app.get("/metrics")
     async def prometheus():
         return Response(metrics.render(engine.stats(), engine.healthy()), media_type="text/plain; version=0.0.4")
+
+    @app.get("/", include_in_schema=False)
+    @app.get("/playground", include_in_schema=False)
+    async def playground():
+        return FileResponse(STATIC / "index.html")
+
+    @app.get("/playground/config")
+    async def playground_config():
+        """What the page needs before its first API call; no model name (that stays behind the key)."""
+        return {"lam_range": list(settings.lam_range), "default_lam": settings.default_lam,
+                "n_aligned": engine.n_aligned, "context_length": engine.context_length,
+                "api_key_required": bool(settings.api_key)}
+
+    app.mount("/static", StaticFiles(directory=STATIC), name="static")
 
     @app.get("/v1/models")
     async def models():
