@@ -18,17 +18,19 @@ from common import lam_speed_rows, llama_50m, prompt_ids, table
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--json", action="store_true")
+    parser.add_argument("--threads", type=int, default=2, help="torch threads (1 gives steadier numbers on a busy machine)")
+    parser.add_argument("--rounds", type=int, default=5, help="alternating rounds per ratio (median)")
     args = parser.parse_args()
-    torch.set_num_threads(2)
+    torch.set_num_threads(args.threads)
     ids = prompt_ids()
     results = []
     for dtype in (torch.float32, torch.bfloat16):
         ref, aligned = llama_50m(0, dtype), llama_50m(1, dtype)
-        results += lam_speed_rows(ref, RealignedPair(ref, [aligned]).eval(), ids, dtype)
+        results += lam_speed_rows(ref, RealignedPair(ref, [aligned]).eval(), ids, dtype, repeats=args.rounds)
     if args.json:
         print(json.dumps(results))
     else:
-        print("DeRa pair decode speed ÷ single model (batch 1, 128 new tokens, median of 5 alternating rounds)")
+        print("DeRa pair decode speed ÷ single model (batch 1, 128 new tokens, median of alternating rounds)")
         print(table([tuple(r.values()) for r in results], tuple(results[0])))
 
 
