@@ -1,0 +1,301 @@
+"""`aligndial demo build`: train the demo's tiny models from scratch with the project's own recipes.
+
+    aligndial demo build                          # the bundled models, into src/aligndial/demo/models
+    aligndial demo build --seed 1 --out /tmp/m    # another seed, elsewhere (`aligndial demo --models /tmp/m`)
+    aligndial demo build --small --out /tmp/s     # a much smaller run: the smoke test of every stage
+
+Stages, each a recipe of `aligndial.train` on data from `aligndial.demo.task`:
+
+1. `ref`:     a byte-level BPE tokenizer and a random tiny Llama (`aligndial.tiny`), then full SFT
+              on replies in both styles (`train_sft`, full=True): the reference model.
+2. `aligned`: full DPO from `ref` on careful-vs-direct preferences (`train_dpo`, full=True), with
+              an NLL term on the chosen reply (TRL loss_type ["sigmoid", "sft"]). Why the NLL term:
+              with pure DPO the first-token gradients of the chosen and rejected replies cancel on
+              every other token, so probability leaks to tokens neither reply starts with; λ=2
+              squares that leak (measured in docs/reproduction.md, section a).
+3. `adapter`: a one-layer adapter on `ref`, trained alone by SFT on the chosen replies (`train_sft`,
+              adapter mode; FR §4.2 trains InRa adapters by SFT). Adapter-only DPO damaged the
+              arithmetic at this scale (docs/reproduction.md, section b).
+4. `trra`:    a full student distilled from the pair (ref, aligned) at λ=`trra_lam` (`train_distill`).
+
+Everything is seeded (data, initialisation, trainer) and runs on one thread, so the same seed
+gives the same weights from a fresh `aligndial demo build` process on any machine of the same
+kind: every file is byte-identical except adapter_model.safetensors, whose header lists its two
+metadata entries in arbitrary order (safetensors keeps them in a hash map), so its hash can change. Why one thread: these models are so
+small that a second thread buys little, and on a shared machine OpenMP threads spin while they
+wait for a busy core (the reference SFT took 4x the CPU time with 2 threads as with 1 while
+others ran tests). The output directory gets one sub-directory per stage with only what loading
+needs, and `manifest.json`: command, seed, configuration, versions, timings and the sha256 of
+every file.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import platform
+import resource
+import shutil
+import tempfile
+import time
+import warnings
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+BUNDLE = Path(__file__).parent / "models"
+STAGES = ("ref", "aligned", "adapter", "trra")
+FORMAT = "aligndial-demo-bundle"
+# What loading needs; checkpoints, optimizer states and the trainer's pickled args stay behind.
+KEEP = {
+    "config.json", "generation_config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json",
+    "chat_template.jinja", "adapter_config.json", "adapter_model.safetensors", "training_summary.json",
+}
+
+
+@dataclass
+class BuildConfig:
+    """Sizes and hyperparameters of one build. `FULL` is the bundled one, `SMALL` the smoke test.
+
+    Model: `vocab_size`, `hidden`, `layers`, `heads`. Data: `sft_rows`, `pref_rows`, `distill_rows`.
+    Training: per-stage learning rates and epochs, `dpo_beta`, `trra_lam`, `batch_size`.
+    """
+
+    vocab_size: int = field(default=400, metadata={"help": "BPE vocabulary (every number 0-25 becomes one token)."})
+    hidden: int = field(default=128, metadata={"help": "Llama hidden size."})
+    layers: int = field(default=4, metadata={"help": "Decoder layers of the reference."})
+    heads: int = field(default=4, metadata={"help": "Attention heads."})
+    sft_rows: int = field(default=24000, metadata={"help": "Reference SFT examples (one epoch)."})
+    sft_lr: float = field(default=3e-3, metadata={"help": "Reference SFT learning rate (from scratch)."})
+    pref_rows: int = field(default=3000, metadata={"help": "Preference pairs for DPO; their chosen replies train the adapter."})
+    dpo_beta: float = field(default=0.5, metadata={"help": "DPO β of the aligned model."})
+    dpo_lr: float = field(default=1e-4, metadata={"help": "Full DPO learning rate (1e-3 collapsed the model)."})
+    adapter_lr: float = field(default=5e-4, metadata={"help": "Adapter-only SFT learning rate."})
+    align_epochs: float = field(default=2.0, metadata={"help": "Epochs of DPO and of adapter SFT."})
+    distill_rows: int = field(default=2000, metadata={"help": "TrRa sequences (both styles, off-policy)."})
+    trra_lam: float = field(default=2.0, metadata={"help": "λ of the TrRa teacher π_λ."})
+    trra_lr: float = field(default=3e-4, metadata={"help": "TrRa learning rate."})
+    batch_size: int = field(default=32, metadata={"help": "Per-step batch of DPO, adapter SFT and TrRa (SFT uses twice this)."})
+
+
+FULL = BuildConfig()
+SMALL = BuildConfig(vocab_size=300, hidden=32, layers=2, heads=2, sft_rows=256, pref_rows=64, distill_rows=64, align_epochs=1.0)
+
+
+def write_jsonl(rows: list[dict], path: Path) -> str:
+    with open(path, "w") as f:
+        for row in rows:
+            f.write(json.dumps(row) + "\n")
+    return str(path)
+
+
+def make_data(work: Path, cfg: BuildConfig, seed: int) -> dict[str, str]:
+    from aligndial.demo import task
+
+    prefs = task.preference_rows(cfg.pref_rows, seed)
+    return {
+        "sft": write_jsonl(task.sft_rows(cfg.sft_rows, seed), work / "sft.jsonl"),
+        "prefs": write_jsonl(prefs, work / "prefs.jsonl"),
+        "chosen": write_jsonl([{"prompt": r["prompt"], "completion": r["chosen"]} for r in prefs], work / "chosen.jsonl"),
+        "distill": write_jsonl(task.distill_rows(cfg.distill_rows, seed), work / "distill.jsonl"),
+    }
+
+
+def trainer_args(out: Path, seed: int, **kw) -> dict:
+    """What every stage shares: seeded, no checkpoints (nothing resumes a 5-minute run), quiet."""
+    return dict(output_dir=str(out), seed=seed, data_seed=seed, save_strategy="no", disable_tqdm=True,
+                logging_steps=25, lr_scheduler_type="cosine", warmup_steps=0.05, max_length=128, **kw)
+
+
+def train_ref(work: Path, data: dict, cfg: BuildConfig, seed: int) -> str:
+    """Tokenizer + random Llama, then full SFT: the reference model."""
+    from aligndial.demo.task import corpus
+    from aligndial.tiny import build_model, build_tokenizer, save
+    from aligndial.train.sft import AdapterSFTConfig, train_sft
+
+    rows = [json.loads(line) for line in open(data["sft"])]
+    tok = build_tokenizer(corpus(rows), vocab_size=cfg.vocab_size)
+    model = build_model("llama", tok, seed=seed, hidden=cfg.hidden, layers=cfg.layers, heads=cfg.heads,
+                        initializer_range=0.02)  # the usual init for training (tiny's 0.2 is for tests)
+    init = save(model, tok, work / "init")
+    args = trainer_args(work / "ref", seed, full=True, learning_rate=cfg.sft_lr, num_train_epochs=1,
+                        per_device_train_batch_size=2 * cfg.batch_size)
+    return train_sft(str(init), data["sft"], AdapterSFTConfig(**args))
+
+
+def train_aligned(ref: str, prefs: str, out: Path, cfg: BuildConfig, seed: int, beta: float | None = None,
+                  nll: bool = True, layers: str = "full") -> str:
+    """DPO from `ref` at `beta` (default `cfg.dpo_beta`), with the NLL term unless `nll=False`.
+    `layers`: "full" (every parameter), "adapter" (a new bottom layer alone) or "bottom:K" / "top:K"."""
+    from aligndial.train.dpo import AdapterDPOConfig, train_dpo
+
+    mode = {"full": {"full": True}, "adapter": {}}.get(layers, {"tune_layers": layers})
+    args = trainer_args(out, seed, beta=cfg.dpo_beta if beta is None else beta, learning_rate=cfg.dpo_lr,
+                        num_train_epochs=cfg.align_epochs, per_device_train_batch_size=cfg.batch_size,
+                        loss_type=["sigmoid", "sft"] if nll else ["sigmoid"], **mode)
+    return train_dpo(ref, prefs, AdapterDPOConfig(**args))
+
+
+def train_adapter(ref: str, chosen: str, out: Path, cfg: BuildConfig, seed: int) -> str:
+    """Adapter-only SFT on the chosen replies (the base stays frozen)."""
+    from aligndial.train.sft import AdapterSFTConfig, train_sft
+
+    args = trainer_args(out, seed, learning_rate=cfg.adapter_lr, num_train_epochs=cfg.align_epochs,
+                        per_device_train_batch_size=cfg.batch_size)
+    return train_sft(ref, chosen, AdapterSFTConfig(**args))
+
+
+def train_trra(ref: str, aligned: str, distill: str, out: Path, cfg: BuildConfig, seed: int,
+               lam: float | None = None, iterations: int = 1) -> str:
+    """A full student distilled toward π_λ of (ref, aligned) (FR §3.1); `iterations` > 1 is TrRa-iter."""
+    from aligndial.train.distill import TrRaConfig, train_distill
+
+    args = trainer_args(out, seed, lam=cfg.trra_lam if lam is None else lam, iterations=iterations, student="full",
+                        learning_rate=cfg.trra_lr, num_train_epochs=1, per_device_train_batch_size=cfg.batch_size)
+    return train_distill(ref, aligned, distill, TrRaConfig(**args))
+
+
+def sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def file_table(root: Path) -> dict[str, dict]:
+    return {
+        str(p.relative_to(root)): {"sha256": sha256(p), "bytes": p.stat().st_size}
+        for p in sorted(root.rglob("*")) if p.is_file() and p.name != "manifest.json"
+    }
+
+
+def check_bundle(root: Path) -> dict:
+    """The manifest of a built bundle, after checking every file against it. Raises a
+    FileNotFoundError or ValueError that says how to rebuild."""
+    manifest_path = root / "manifest.json"
+    if not manifest_path.is_file():
+        raise FileNotFoundError(
+            f"no demo models in {root} (manifest.json is missing). Build them with `aligndial demo build"
+            f"{'' if root == BUNDLE else f' --out {root}'}` (about 8 minutes on 2 cores), then run `aligndial demo` again."
+        )
+    manifest = json.loads(manifest_path.read_text())
+    found = file_table(root)
+    expected = manifest["files"]
+    problems = [f"{name}: missing" for name in expected if name not in found]
+    problems += [f"{name}: sha256 differs" for name in expected if name in found and found[name]["sha256"] != expected[name]["sha256"]]
+    problems += [f"{name}: not in the manifest" for name in found if name not in expected]
+    if problems:
+        raise ValueError(
+            f"the demo models in {root} do not match their manifest ({'; '.join(problems[:4])}). "
+            "Restore them with `git checkout` or rebuild with `aligndial demo build`."
+        )
+    return manifest
+
+
+def versions() -> dict[str, str]:
+    from importlib.metadata import version
+
+    return {"python": platform.python_version(), **{p: version(p) for p in ("aligndial", "torch", "transformers", "trl", "datasets", "tokenizers")}}
+
+
+def set_fields(path: Path, **fields) -> None:
+    """Update some fields of a JSON file."""
+    path.write_text(json.dumps({**json.loads(path.read_text()), **fields}, indent=2) + "\n")
+
+
+def _cpu_seconds() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+@contextmanager
+def quiet_single_thread():
+    """One torch thread (see the module docstring), no progress bar per tokenised dataset or saved
+    model, no deprecation notices from inside transformers/TRL: the stage log stays readable."""
+    import torch
+    from datasets.utils.logging import disable_progress_bar, enable_progress_bar
+    from transformers.utils import logging as hf_logging
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    disable_progress_bar()
+    hf_logging.disable_progress_bar()
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)
+            yield
+    finally:
+        torch.set_num_threads(threads)
+        enable_progress_bar()
+        hf_logging.enable_progress_bar()
+
+
+def build(out: str | Path = BUNDLE, seed: int = 0, small: bool = False, log=print) -> dict:
+    """Train every stage into a temporary directory, then move the results to `out` (replacing
+    what was there) with their manifest. Returns the manifest."""
+    with quiet_single_thread():
+        return _build(Path(out), seed, small, log)
+
+
+def _build(out: Path, seed: int, small: bool, log) -> dict:
+    import torch
+
+    cfg = SMALL if small else FULL
+    out.parent.mkdir(parents=True, exist_ok=True)
+    started, cpu_started, seconds = time.perf_counter(), _cpu_seconds(), {}
+    with tempfile.TemporaryDirectory(prefix="aligndial-demo-build-") as tmp:
+        work = Path(tmp)
+        data = make_data(work, cfg, seed)
+        dirs = {}
+        for stage in STAGES:
+            log(f"[demo build] {stage} ...")
+            t = time.perf_counter()
+            if stage == "ref":
+                dirs[stage] = train_ref(work, data, cfg, seed)
+            elif stage == "aligned":
+                dirs[stage] = train_aligned(dirs["ref"], data["prefs"], work / stage, cfg, seed)
+            elif stage == "adapter":
+                dirs[stage] = train_adapter(dirs["ref"], data["chosen"], work / stage, cfg, seed)
+            else:
+                dirs[stage] = train_trra(dirs["ref"], dirs["aligned"], data["distill"], work / stage, cfg, seed)
+            seconds[stage] = round(time.perf_counter() - t, 1)
+            log(f"[demo build] {stage} done in {seconds[stage]} s")
+        staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+        for stage, src in dirs.items():
+            (staging / stage).mkdir()
+            for p in Path(src).iterdir():
+                if p.name in KEEP:
+                    shutil.copy2(p, staging / stage / p.name)
+        # Two files record where a model was during training (a temporary path); name its bundle directory instead.
+        set_fields(staging / "adapter" / "adapter_config.json", base_model="ref")
+        set_fields(staging / "trra" / "training_summary.json", teacher_aligned="aligned")
+    seconds["total"] = round(time.perf_counter() - started, 1)
+    seconds["cpu_total"] = round(_cpu_seconds() - cpu_started, 1)  # wall time depends on who else shares the cores
+    manifest = {
+        "format": FORMAT,
+        "command": " ".join(["aligndial demo build", f"--seed {seed}"] + (["--small"] if small else [])),
+        "seed": seed,
+        "small": small,
+        "config": dataclasses.asdict(cfg),
+        "stages": {
+            "ref": "tiny Llama trained from scratch by full SFT on replies in both styles (train_sft, full=True)",
+            "aligned": f"full DPO from ref, beta={cfg.dpo_beta}, loss sigmoid + NLL on the chosen reply (train_dpo, full=True)",
+            "adapter": "one-layer adapter on ref, adapter-only SFT on the chosen replies (train_sft, adapter mode)",
+            "trra": f"full student distilled from (ref, aligned) at lam={cfg.trra_lam} (train_distill, student='full')",
+        },
+        "versions": versions(),
+        "machine": {"platform": platform.platform(), "torch_threads": torch.get_num_threads(), "cpus": os.cpu_count()},
+        "seconds": seconds,
+        "files": file_table(staging),
+    }
+    (staging / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+    staging.chmod(0o755)  # mkdtemp makes it private; the bundle is package data
+    if out.exists():
+        shutil.rmtree(out)
+    os.replace(staging, out)
+    log(f"[demo build] wrote {out} in {seconds['total']} s "
+        f"({sum(f['bytes'] for f in manifest['files'].values()) / 1e6:.1f} MB)")
+    return manifest
