@@ -126,9 +126,9 @@ def write_plot(result: dict, path: str) -> str:
     fig, axes = plt.subplots(2, 2, figsize=(9, 6.5), sharex=True)
     t = result["trra"]
     for ax, (key, label) in zip(axes.flat, panels):
-        for method, style, label in (("DeRa", "o-", "DeRa: ref + aligned model"), ("InRa", "s--", "InRa: ref + layer adapter")):
+        for method, style, name in (("DeRa", "o-", "DeRa: ref + aligned model"), ("InRa", "s--", "InRa: ref + layer adapter")):
             rows = [r for r in result["sweep"] if r["method"] == method]
-            ax.plot([r["lam"] for r in rows], [r[key] for r in rows], style, label=label)
+            ax.plot([r["lam"] for r in rows], [r[key] for r in rows], style, label=name)
         ax.plot([t["distilled_at"]], [t[key]], "*", markersize=13, color="tab:red", label=f"TrRa student (λ={t['distilled_at']:g})")
         for x, name in ((0, "ref"), (1, "aligned")):
             ax.axvline(x, color="grey", lw=0.8, ls=":")
