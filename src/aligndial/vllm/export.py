@@ -1,0 +1,159 @@
+"""Directories that `vllm serve DIR` loads as an aligndial model (and nothing else loads).
+
+An export is an ordinary HF-style directory (config.json, safetensors, tokenizer files) with:
+
+- `architectures: ["AligndialDualPathForCausalLM"]` or `["AligndialPairForCausalLM"]`, which only
+  the aligndial vLLM plugin registers: stock vLLM refuses the directory ("architecture not
+  supported") instead of serving it as the plain model;
+- `model_type: "aligndial_llama"` (or `aligndial_qwen2`), which stock transformers does not know,
+  so `AutoModelForCausalLM.from_pretrained(DIR)` fails instead of silently loading λ=1 (the merged
+  dual path) or a model with missing weights (the pair);
+- an `aligndial` entry: {"kind", "base_model_type", "adapter_layers" or "members", "default_lam"}.
+
+Weights:
+- dual path: the merged model (`merge_adapter`), L+n layers with the adapter at 0..n−1, under
+  the plain model's own key names; the vLLM model runs the base path over layers n..L+n−1;
+- pair: one safetensors file per member, keys prefixed with the member name (`ref.`,
+  `aligned_a.`, `aligned_b.`, …). The members must share one config (same architecture and
+  sizes); vLLM names each KV cache after its attention's prefix, and the prefix may hold only
+  one integer (the layer index), hence letters for the members.
+
+This module does not import vLLM: exporting works in any environment with aligndial.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import string
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+from transformers import LlamaConfig, Qwen2Config
+
+DUAL_PATH = "AligndialDualPathForCausalLM"
+PAIR = "AligndialPairForCausalLM"
+
+# model_type of the plain model -> its transformers config class. Anything else is refused.
+BASE_CONFIGS = {"llama": LlamaConfig, "qwen2": Qwen2Config}
+
+
+class AligndialLlamaConfig(LlamaConfig):
+    model_type = "aligndial_llama"
+
+
+class AligndialQwen2Config(Qwen2Config):
+    model_type = "aligndial_qwen2"
+
+
+CONFIGS = {"llama": AligndialLlamaConfig, "qwen2": AligndialQwen2Config}
+# Config keys that may differ between pair members without changing the computation.
+_IGNORED_KEYS = {"_name_or_path", "name_or_path", "architectures", "transformers_version", "dtype", "torch_dtype"}
+
+
+def member_names(n_aligned: int) -> list[str]:
+    """Prefixes of the pair's members: "ref", then "aligned_a", "aligned_b", … (no digits, see above)."""
+    if not 1 <= n_aligned <= 26:
+        raise ValueError(f"a vLLM pair export takes 1 to 26 aligned models; got {n_aligned}")
+    return ["ref"] + [f"aligned_{c}" for c in string.ascii_lowercase[:n_aligned]]
+
+
+def check_architecture(config) -> str:
+    if config.model_type not in BASE_CONFIGS:
+        raise ValueError(
+            f"the vLLM integration supports {', '.join(BASE_CONFIGS)} models; got model_type {config.model_type!r}. "
+            "Serve this model with `aligndial serve --engine hf` instead"
+        )
+    return config.model_type
+
+
+def _default_lam(default_lam, n_aligned: int) -> list[float]:
+    if default_lam is None:
+        if n_aligned > 1:
+            raise ValueError(f"with {n_aligned} aligned models, give `--default-lam` as {n_aligned} comma-separated weights")
+        return [1.0]
+    weights = [float(x) for x in (default_lam if isinstance(default_lam, (list, tuple)) else [default_lam])]
+    if len(weights) != n_aligned:
+        raise ValueError(f"`--default-lam` needs {n_aligned} weight(s), one per aligned model; got {default_lam!r}")
+    return weights
+
+
+def _write_config(out: Path, base_config, architecture: str, aligndial: dict) -> None:
+    data = base_config.to_dict()
+    data.update(model_type=CONFIGS[base_config.model_type].model_type, architectures=[architecture], aligndial=aligndial)
+    (out / "config.json").write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+
+
+def _tensors(model, prefix: str = "") -> dict[str, torch.Tensor]:
+    # Clone: tied embeddings share storage, which safetensors refuses to write twice.
+    return {prefix + k: v.detach().clone().contiguous() for k, v in model.state_dict().items()}
+
+
+def _publish(tmp: Path, out: Path) -> Path:
+    """Move a finished export into place; a crash leaves no half-written directory at `out`."""
+    if out.exists():
+        if not (out / "config.json").is_file() or "aligndial" not in json.loads((out / "config.json").read_text()):
+            raise ValueError(f"{out} exists and is not an aligndial vLLM export; choose a new `--out`")
+        shutil.rmtree(out)
+    os.replace(tmp, out)
+    return out
+
+
+def export_dual_path(model, tokenizer, out: str | Path, default_lam: float | None = None) -> Path:
+    """Write `model` (a base model with a loaded adapter, see `load_adapter`) for vLLM.
+
+    The adapter is merged into the model in place (`merge_adapter`), so pass a model you no longer need.
+    """
+    from aligndial.adapter import merge_adapter
+
+    adapter = getattr(model, "aligndial_adapter", None)
+    if adapter is None:
+        raise ValueError("the model has no layer adapter; load one with `load_adapter(model, dir)` first")
+    arch = check_architecture(model.config)
+    merge_adapter(model)
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        save_file(_tensors(model), tmp / "model.safetensors", metadata={"format": "pt"})
+        _write_config(tmp, model.config, DUAL_PATH, {
+            "kind": "dual_path", "base_model_type": arch, "adapter_layers": adapter.num_layers,
+            "base_model": adapter.base_model, "default_lam": _default_lam(default_lam, 1)})
+        model.generation_config.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        return _publish(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def export_pair(ref, aligned: list, tokenizer, out: str | Path, default_lam=None, names: list[str] | None = None) -> Path:
+    """Write a reference and K aligned models (already loaded, same config) as one vLLM model."""
+    arch = check_architecture(ref.config)
+    prefixes = member_names(len(aligned))
+    names = names or prefixes
+    ref_dict = {k: v for k, v in ref.config.to_dict().items() if k not in _IGNORED_KEYS}
+    for name, model in zip(names[1:], aligned):
+        other = {k: v for k, v in model.config.to_dict().items() if k not in _IGNORED_KEYS}
+        diff = sorted(k for k in ref_dict.keys() | other.keys() if ref_dict.get(k) != other.get(k))
+        if diff:
+            raise ValueError(
+                f"the vLLM pair needs members with one config; {names[0]} and {name} differ in {', '.join(diff[:8])}. "
+                "Serve them with `aligndial serve --engine hf` instead"
+            )
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        for prefix, model in zip(prefixes, [ref, *aligned]):
+            save_file(_tensors(model, prefix + "."), tmp / f"model-{prefix}.safetensors", metadata={"format": "pt"})
+        _write_config(tmp, ref.config, PAIR, {
+            "kind": "pair", "base_model_type": arch, "members": prefixes, "sources": names,
+            "default_lam": _default_lam(default_lam, len(aligned))})
+        ref.generation_config.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        return _publish(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)

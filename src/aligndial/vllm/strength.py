@@ -1,0 +1,122 @@
+"""λ per request, per row: a vLLM v1 logits processor that only keeps track of λ.
+
+vLLM keeps a persistent batch: request i of a step is row i of that step's logits, and a
+`BatchUpdate` before each step says which requests were added at which row, which were removed,
+and which moved between rows. `AlignmentStrength` follows those updates and holds, for every
+row, the request's λ from `SamplingParams.extra_args["alignment_strength"]` (or `"lam"`; what
+the OpenAI server fills from `vllm_xargs`), or the model's default λ.
+
+The mixing itself happens in the model's `compute_logits`, which runs after the update and
+before sampling, and asks `rows(n)` for the (n, K) λ of that step's rows: so mixed-λ batches
+are exact (each row is mixed with its own weights, by `aligndial.mixing`), and logprobs are
+those of the mixed distribution. `apply` leaves the logits alone (argmax-invariant).
+
+It is installed as a `vllm.logits_processors` entry point, so vLLM builds it in every engine
+of an environment where aligndial is installed; for any model that is not one of ours it
+does nothing. The model finds it through `active()`: one worker process runs one model, and
+the most recently built processor belongs to the current input batch.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from vllm import SamplingParams
+from vllm.v1.sample.logits_processor import BatchUpdate, LogitsProcessor, MoveDirectionality
+
+from aligndial.vllm.export import DUAL_PATH, PAIR
+
+KEYS = ("alignment_strength", "lam")
+_active: AlignmentStrength | None = None
+
+
+def request_lam(params: SamplingParams) -> float | list[float] | None:
+    """The λ a request asks for (None: the model's default). Raises ValueError on a bad value."""
+    args = params.extra_args or {}
+    given = [k for k in KEYS if k in args]
+    if not given:
+        return None
+    if len(given) > 1:
+        raise ValueError("give `alignment_strength` or `lam`, not both")
+    key, value = given[0], args[given[0]]
+    weights = value if isinstance(value, list) else [value]
+    for w in weights:
+        if isinstance(w, bool) or not isinstance(w, (int, float)) or not math.isfinite(w):
+            raise ValueError(f"`{key}` must be a finite number (or a list of them, one per aligned model); got {value!r}")
+    if params.prompt_logprobs is not None:
+        raise ValueError(f"`{key}` cannot be combined with prompt_logprobs: the prompt's logits are not mixed")
+    return value
+
+
+class AlignmentStrength(LogitsProcessor):
+    """Per-row λ for the aligndial models; inert for every other model."""
+
+    @classmethod
+    def validate_params(cls, sampling_params: SamplingParams):
+        request_lam(sampling_params)  # a bad λ is a 400 at the API, never an engine error
+
+    def __init__(self, vllm_config, device: torch.device, is_pin_memory: bool):
+        global _active
+        hf_config = vllm_config.model_config.hf_config
+        ours = bool({DUAL_PATH, PAIR} & set(getattr(hf_config, "architectures", None) or []))
+        self.default: list[float] = list(hf_config.aligndial["default_lam"]) if ours else []
+        self.n_aligned = len(self.default)
+        # (max_num_seqs, K) on the CPU: λ of the request at each row of the persistent batch.
+        self.lam = torch.zeros(vllm_config.scheduler_config.max_num_seqs, max(self.n_aligned, 1))
+        self.batch_size = 0
+        if ours:
+            _active = self
+
+    def is_argmax_invariant(self) -> bool:
+        return True  # the mix already happened in compute_logits; nothing changes here
+
+    def apply(self, logits: torch.Tensor) -> torch.Tensor:
+        return logits
+
+    def update_state(self, batch_update: BatchUpdate | None) -> None:
+        if not self.n_aligned or batch_update is None:
+            return
+        # Order matters (interface.py): removed, added, moved. Removed rows are simply overwritten later.
+        for index, params, _, _ in batch_update.added:
+            self.lam[index] = torch.tensor(self._weights(params))
+        for a, b, direction in batch_update.moved:
+            if direction == MoveDirectionality.SWAP:
+                self.lam[[a, b]] = self.lam[[b, a]]
+            else:
+                self.lam[b] = self.lam[a]
+        self.batch_size = batch_update.batch_size
+
+    def _weights(self, params: SamplingParams) -> list[float]:
+        lam = request_lam(params)
+        if lam is None:
+            return self.default
+        weights = [float(x) for x in (lam if isinstance(lam, list) else [lam])]
+        if len(weights) != self.n_aligned:
+            # validate_params cannot know K; mark the row so compute_logits fails loudly, never silently.
+            return [math.nan] * self.n_aligned
+        return weights
+
+    def rows(self, n: int) -> torch.Tensor:
+        """(n, K) float32 λ for the n rows of this step's logits."""
+        if self.batch_size == 0:
+            # vLLM's warm-up and profiling runs: no request, any λ costs the same.
+            return torch.tensor([self.default]).expand(n, -1)
+        if n != self.batch_size:
+            raise RuntimeError(
+                f"aligndial: {n} logit rows for {self.batch_size} requests; per-request λ needs one sampled "
+                "position per request (speculative decoding and prompt logprobs are not supported)"
+            )
+        lam = self.lam[:n]
+        if torch.isnan(lam).any():
+            raise ValueError(f"a request's λ has the wrong number of weights: this model mixes {self.n_aligned} aligned model(s)")
+        return lam.clone()
+
+
+def active() -> AlignmentStrength:
+    if _active is None:
+        raise RuntimeError(
+            "aligndial's logits processor is not loaded in this vLLM worker: install aligndial in the same environment "
+            "(it registers the `vllm.logits_processors` entry point); speculative decoding is not supported"
+        )
+    return _active
