@@ -4,7 +4,9 @@
     aligndial generate --model M --adapter A --lam 0.5 --prompt "Hi"
     aligndial interpolate --ref R --aligned A --lam 0.5 --out DIR
     aligndial adapter init --model M --out DIR
-    aligndial adapter merge --model M --adapter A --out DIR
+    aligndial adapter merge --model M --adapter A --out DIR [--for-vllm]
+    aligndial export-vllm --ref R --aligned A --out DIR        # then: vllm serve DIR
+    aligndial generate --engine vllm --model M --adapter A --lam 0 --lam 2 --prompt "Hi" --json
 """
 
 from __future__ import annotations
@@ -70,10 +72,10 @@ def cmd_generate(args) -> int:
     from aligndial.generation import generate_rows, render_prompts, span_schedule
 
     prompts = _read_prompts(args)
+    if args.engine == "vllm":
+        return _generate_vllm(args, prompts)
     model, tok, n_aligned = _load_generator(args)
-    lams = [_lam_list(x, n_aligned) for x in (args.lam or ["1"])] if n_aligned else [None]
-    if not n_aligned and args.lam:
-        raise ValueError("`--lam` needs a mix: add `--aligned` (with `--ref`) or `--adapter` (with `--model`)")
+    lams = _lams(args, n_aligned)
     think = None if args.think_lam is None else check_lam(args.think_lam, "--think-lam")
     if think is not None and n_aligned != 1:
         raise ValueError("`--think-lam` needs a mix with a single aligned model (`--aligned` or `--adapter`)")
@@ -87,6 +89,28 @@ def cmd_generate(args) -> int:
             model, tok, texts, lam=lam if think is None else span_schedule(tok, think, lam), seed=args.seed,
             add_special_tokens=not args.chat, **gen
         )
+    _print_rows(args, prompts, lams, results)
+    return 0
+
+
+def _lams(args, n_aligned: int) -> list:
+    if not n_aligned and args.lam:
+        raise ValueError("`--lam` needs a mix: add `--aligned` (with `--ref`) or `--adapter` (with `--model`)")
+    return [_lam_list(x, n_aligned) for x in (args.lam or ["1"])] if n_aligned else [None]
+
+
+def _generate_vllm(args, prompts: list) -> int:
+    """`generate --engine vllm`: the same rows, from one vLLM batch holding every (prompt, λ)."""
+    from aligndial.vllm.run import check_installed, export_n_aligned, generate_rows
+
+    check_installed()
+    n_aligned = len(args.aligned or []) if args.ref else 1 if args.adapter else export_n_aligned(args.model or "")
+    lams = _lams(args, n_aligned)
+    _print_rows(args, prompts, lams, generate_rows(args, prompts, lams))
+    return 0
+
+
+def _print_rows(args, prompts: list, lams: list, results: dict) -> None:
     for i, prompt in enumerate(prompts):
         for lam in lams:
             row = {"lam": lam, "prompt": prompt, **results[json.dumps(lam)][i]}
@@ -95,7 +119,6 @@ def cmd_generate(args) -> int:
             else:
                 label = "plain model" if lam is None else f"λ={lam}"
                 print(f"[{label}] {prompt if isinstance(prompt, str) else prompt[-1]['content']!s}\n{row['text']}\n")
-    return 0
 
 
 def cmd_interpolate(args) -> int:
@@ -124,11 +147,35 @@ def cmd_adapter_merge(args) -> int:
 
     model = load_causal_lm(args.model, args.dtype, trust_remote_code=args.trust_remote_code)
     cfg = load_adapter(model, args.adapter)
+    if args.for_vllm:
+        from aligndial.vllm.export import export_dual_path
+
+        out = export_dual_path(model, load_tokenizer(args.model, args.trust_remote_code), args.out)
+        _report(args, {"out": str(out), "architecture": "AligndialDualPathForCausalLM"},
+                f"wrote {out}: base + {cfg.num_layers}-layer adapter for vLLM (λ per request); serve it with `vllm serve {out}`")
+        return 0
     merge_adapter(model).save_pretrained(args.out)
     load_tokenizer(args.model, args.trust_remote_code).save_pretrained(args.out)
     layers = model.config.num_hidden_layers
     _report(args, {"out": args.out, "num_hidden_layers": layers},
             f"wrote {args.out}: a plain model with {layers} layers ({cfg.num_layers} from the adapter), equal to λ=1")
+    return 0
+
+
+def cmd_export_vllm(args) -> int:
+    """A DeRa pair (ref + aligned models) as one directory for `vllm serve`."""
+    from aligndial.loading import load_causal_lm, load_tokenizer
+    from aligndial.pair import check_tokenizers
+    from aligndial.vllm.export import export_pair
+
+    tok = load_tokenizer(args.ref, args.trust_remote_code)
+    for name in args.aligned:
+        check_tokenizers(tok, load_tokenizer(name, args.trust_remote_code), args.ref, name)
+    default = None if args.default_lam is None else _lam_list(args.default_lam, len(args.aligned))
+    models = [load_causal_lm(n, args.dtype, trust_remote_code=args.trust_remote_code) for n in [args.ref, *args.aligned]]
+    out = export_pair(models[0], models[1:], tok, args.out, default, names=[args.ref, *args.aligned])
+    _report(args, {"out": str(out), "architecture": "AligndialPairForCausalLM"},
+            f"wrote {out}: {args.ref} + {len(args.aligned)} aligned model(s) for vLLM; serve it with `vllm serve {out}`")
     return 0
 
 
@@ -164,6 +211,10 @@ def cmd_serve(args) -> int:
     from aligndial.serve import run, settings_from_args
 
     settings = settings_from_args(args)  # every flag is checked before a model loads
+    if args.engine == "vllm":
+        from aligndial.serve import run_vllm
+
+        return run_vllm(args, settings)
     return run(*_load_generator(args), settings)
 
 
@@ -237,6 +288,8 @@ def make_parser() -> argparse.ArgumentParser:
     g.add_argument("--num-beams", type=int, default=1)
     g.add_argument("--think-lam", help="λ inside <think>…</think> spans; --lam applies outside (one --aligned)")
     g.add_argument("--json", action="store_true", help="one JSON object per line")
+    g.add_argument("--engine", choices=["hf", "vllm"], default="hf",
+                   help="hf: transformers generate; vllm: one vLLM batch (needs aligndial[vllm])")
     g.set_defaults(func=cmd_generate)
 
     i = sub.add_parser("interpolate", help="weight-space baseline: θ_ref + λ(θ_aligned − θ_ref) (DeRa App. D.5)")
@@ -261,12 +314,24 @@ def make_parser() -> argparse.ArgumentParser:
     am.add_argument("--model", required=True)
     am.add_argument("--adapter", required=True)
     am.add_argument("--out", required=True)
+    am.add_argument("--for-vllm", action="store_true",
+                    help="write a dual-path model for `vllm serve` (λ per request) instead of a plain λ=1 model")
     for p in (ai, am):
         p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None)
         p.add_argument("--trust-remote-code", action="store_true")
         p.add_argument("--json", action="store_true")
     ai.set_defaults(func=cmd_adapter_init)
     am.set_defaults(func=cmd_adapter_merge)
+
+    ev = sub.add_parser("export-vllm", help="write a DeRa pair as one directory for `vllm serve` (λ per request)")
+    ev.add_argument("--ref", required=True)
+    ev.add_argument("--aligned", action="append", required=True, help="aligned model (repeat for several)")
+    ev.add_argument("--out", required=True)
+    ev.add_argument("--default-lam", help="λ for requests that give none (default 1; a comma list with several --aligned)")
+    ev.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None)
+    ev.add_argument("--trust-remote-code", action="store_true")
+    ev.add_argument("--json", action="store_true")
+    ev.set_defaults(func=cmd_export_vllm)
 
     t = sub.add_parser("train", help="adapter-only DPO / SFT (CLM, InRa) and TrRa distillation, on TRL")
     tv = t.add_subparsers(dest="train_verb", required=True)
@@ -298,7 +363,7 @@ def make_parser() -> argparse.ArgumentParser:
     s.add_argument("--api-key", help="require `Authorization: Bearer KEY` on /v1/* (ALIGNDIAL_API_KEY keeps it out of ps)")
     s.add_argument("--max-concurrency", type=int, default=8, help="sequences decoded together in one batch")
     s.add_argument("--max-queue", type=int, default=64, help="sequences that may wait for a row; beyond that, 429")
-    s.add_argument("--engine", choices=["hf", "vllm"], default="hf", help="hf: built-in batching engine; vllm: not yet")
+    s.add_argument("--engine", choices=["hf", "vllm"], default="hf", help="hf: built-in batching engine; vllm: vLLM (needs aligndial[vllm])")
     s.set_defaults(func=cmd_serve)
 
     w = sub.add_parser("sweep", help="generate at every λ, measure, plot, and choose λ (DeRa §5)")

@@ -22,7 +22,7 @@ from aligndial.mixing import check_lam
 from aligndial.serve.app import ServerSettings, create_app
 from aligndial.serve.engine import HFEngine
 
-__all__ = ["HFEngine", "ServerSettings", "create_app", "run", "settings_from_args"]
+__all__ = ["HFEngine", "ServerSettings", "create_app", "run", "run_vllm", "settings_from_args"]
 
 log = logging.getLogger("aligndial.serve")
 
@@ -57,10 +57,13 @@ def _default_lam(text: str | None, n_aligned: int, lo: float, hi: float) -> floa
 
 def settings_from_args(args) -> ServerSettings:
     """Check every flag before any model loads."""
-    if args.engine == "vllm":
-        raise ValueError("`--engine vllm` is not available yet (the vLLM integration is a separate issue); "
-                         "use `--engine hf`, the default")
     n_aligned = len(args.aligned or []) if args.ref else 1 if args.adapter else 0
+    if args.engine == "vllm":
+        from aligndial.vllm.run import check_installed, export_n_aligned
+
+        check_installed()
+        if args.model and not args.adapter:
+            n_aligned = export_n_aligned(args.model)
     lo, hi = _lam_range(args.lam_range)
     return ServerSettings(
         model_name=args.model if args.model else "+".join(args.aligned or []),
@@ -74,11 +77,31 @@ def settings_from_args(args) -> ServerSettings:
     )
 
 
+def run_vllm(args, settings: ServerSettings) -> int:
+    """`--engine vllm`: export the model flags to a directory vLLM loads (aligndial.vllm.run), then
+    serve it with `VLLMEngine` behind the same app."""
+    import tempfile
+
+    from aligndial.loading import load_tokenizer
+    from aligndial.serve.vllm_engine import VLLMEngine
+    from aligndial.vllm.run import context_length, engine_kwargs, model_dir
+
+    with tempfile.TemporaryDirectory(prefix="aligndial-vllm-") as workdir:
+        path, n_aligned = model_dir(args, workdir, settings.default_lam)
+        tokenizer = load_tokenizer(path, args.trust_remote_code)
+        engine = VLLMEngine(engine_kwargs(path, args.dtype, settings.max_concurrency), tokenizer, n_aligned,
+                            context_length(path, tokenizer), settings.max_concurrency, settings.max_queue)
+        return _serve(engine, settings)
+
+
 def run(model, tokenizer, n_aligned: int, settings: ServerSettings) -> int:
     """Serve until SIGTERM / Ctrl-C; uvicorn then finishes running requests and refuses new ones."""
+    return _serve(HFEngine(model, tokenizer, n_aligned, settings.max_concurrency, settings.max_queue), settings)
+
+
+def _serve(engine, settings: ServerSettings) -> int:
     import uvicorn
 
-    engine = HFEngine(model, tokenizer, n_aligned, settings.max_concurrency, settings.max_queue)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s:     %(message)s")
     log.info("serving %r (λ default %s, range %s, context %d tokens%s)", settings.model_name, settings.default_lam,
              list(settings.lam_range), engine.context_length, ", API key required" if settings.api_key else "")

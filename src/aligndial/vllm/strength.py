@@ -23,6 +23,7 @@ import math
 
 import torch
 from vllm import SamplingParams
+from vllm.exceptions import VLLMValidationError
 from vllm.v1.sample.logits_processor import BatchUpdate, LogitsProcessor, MoveDirectionality
 
 from aligndial.vllm.export import DUAL_PATH, PAIR
@@ -54,7 +55,10 @@ class AlignmentStrength(LogitsProcessor):
 
     @classmethod
     def validate_params(cls, sampling_params: SamplingParams):
-        request_lam(sampling_params)  # a bad λ is a 400 at the API, never an engine error
+        try:  # a bad λ is a 400 at the API, never an engine error
+            request_lam(sampling_params)
+        except ValueError as e:
+            raise VLLMValidationError(str(e), parameter="alignment_strength") from None
 
     def __init__(self, vllm_config, device: torch.device, is_pin_memory: bool):
         global _active

@@ -1,0 +1,327 @@
+"""The vLLM integration on vllm-cpu, against aligndial's HF engine as the oracle.
+
+Tiny Llama and Qwen2 models (head_dim 32: the CPU attention kernels need a multiple of 32) are
+built like conftest's and saved to temporary directories. Engines are shared per module (each
+start is ~16 s): one `LLM` for the dual path, one for the pair, one `vllm serve` subprocess,
+one `aligndial serve --engine vllm` subprocess, and the `generate --engine vllm` command.
+
+Without vLLM these tests skip with a reason, unless ALIGNDIAL_REQUIRE_VLLM=1 (CI), where a
+missing vLLM fails them.
+"""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+
+os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+if os.environ.get("ALIGNDIAL_REQUIRE_VLLM") == "1":
+    import vllm  # noqa: F401  (CI: a missing vLLM is a failure, not a skip)
+else:
+    pytest.importorskip("vllm", reason="vLLM is not installed: pip install 'aligndial[vllm]' (see the README)")
+
+import httpx  # noqa: E402
+import openai  # noqa: E402
+import torch  # noqa: E402
+from transformers import AutoModelForCausalLM  # noqa: E402
+
+from aligndial.adapter import decoder_layers, insert_adapter, load_adapter, save_adapter  # noqa: E402
+from aligndial.cli import main  # noqa: E402
+from aligndial.dualpath import DualPathModel  # noqa: E402
+from aligndial.generation import generate_rows  # noqa: E402
+from aligndial.loading import load_tokenizer  # noqa: E402
+from aligndial.pair import RealignedPair  # noqa: E402
+from aligndial.tiny import build_model, save  # noqa: E402
+from aligndial.vllm.export import export_dual_path, export_pair  # noqa: E402
+
+pytestmark = pytest.mark.slow
+
+LAMS = (0.0, 0.5, 1.0, 2.0)
+PROMPTS = ["The quick brown fox", "Hello", "Numbers such as 12 and 345 appear"]
+NEW = 10
+SMALL = dict(heads=2)  # hidden 64 / 2 heads = head_dim 32
+
+
+@pytest.fixture(scope="module")
+def dirs(tok, tmp_path_factory):
+    """Saved tiny models, a perturbed (non-identity) adapter, and the two vLLM exports."""
+    root = tmp_path_factory.mktemp("vllm-models")
+    d = {}
+    for arch in ("llama", "qwen2"):
+        for seed, name in ((0, "ref"), (1, "aligned")):
+            d[f"{arch}-{name}"] = str(save(build_model(arch, tok, seed=seed, **SMALL), tok, root / f"{arch}-{name}"))
+    model = build_model("llama", tok, seed=0, **SMALL)
+    insert_adapter(model, num_layers=1)
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for p in decoder_layers(model)[0].parameters():
+            p.add_(torch.randn(p.shape, generator=g) * 0.3)
+    d["adapter"] = str(save_adapter(model, root / "adapter"))
+    base = AutoModelForCausalLM.from_pretrained(d["llama-ref"])
+    load_adapter(base, d["adapter"])
+    d["dual-export"] = str(export_dual_path(base, tok, root / "dual-vllm"))
+    d["pair-export"] = str(export_pair(AutoModelForCausalLM.from_pretrained(d["llama-ref"]),
+                                       [AutoModelForCausalLM.from_pretrained(d["llama-aligned"])], tok, root / "pair-vllm"))
+    return d
+
+
+def hf_tokens(model, tok, prompt: str, lam: float, new: int = NEW) -> list[int]:
+    """The oracle: aligndial's HF generation, greedy, token ids up to and including EOS."""
+    return generate_rows(model, tok, [prompt], lam=lam, max_new_tokens=new, do_sample=False)[0]["token_ids"]
+
+
+@pytest.fixture(scope="module")
+def hf_dual(dirs):
+    return DualPathModel.from_adapter(AutoModelForCausalLM.from_pretrained(dirs["llama-ref"]), dirs["adapter"])
+
+
+@pytest.fixture(scope="module")
+def hf_pair(dirs):
+    return RealignedPair.from_pretrained(dirs["llama-ref"], dirs["llama-aligned"])
+
+
+def start_llm(path: str):
+    from vllm import LLM
+
+    return LLM(path, dtype="float32", max_model_len=128, max_num_seqs=8, seed=0)
+
+
+@pytest.fixture(scope="module")
+def dual_llm(dirs):
+    llm = start_llm(dirs["dual-export"])
+    yield llm
+    llm.llm_engine.engine_core.shutdown()
+
+
+@pytest.fixture(scope="module")
+def pair_llm(dirs):
+    llm = start_llm(dirs["pair-export"])
+    yield llm
+    llm.llm_engine.engine_core.shutdown()
+
+
+def vllm_tokens(llm, tok, requests: list[tuple[str, object]], new: int = NEW) -> list[list[int]]:
+    """Greedy token ids for [(prompt, λ)], all submitted together as one batch."""
+    from vllm import SamplingParams
+
+    params = [SamplingParams(max_tokens=new, temperature=0, extra_args={"alignment_strength": lam}) for _, lam in requests]
+    outs = llm.generate([{"prompt_token_ids": tok(p)["input_ids"]} for p, _ in requests], params, use_tqdm=False)
+    return [list(o.outputs[0].token_ids) for o in outs]
+
+
+# --- greedy tokens equal the HF engine's, alone and in mixed-λ batches ------------------------------------
+
+
+@pytest.mark.parametrize("kind", ["dual", "pair"])
+def test_greedy_tokens_match_hf_at_every_lam(kind, dual_llm, pair_llm, hf_dual, hf_pair, tok):
+    llm, hf = (dual_llm, hf_dual) if kind == "dual" else (pair_llm, hf_pair)
+    for lam in LAMS:
+        expected = [hf_tokens(hf, tok, p, lam) for p in PROMPTS]
+        assert vllm_tokens(llm, tok, [(p, lam) for p in PROMPTS]) == expected, f"{kind} at λ={lam}"
+    # λ matters: the four λ give different continuations of the first prompt.
+    assert len({tuple(hf_tokens(hf, tok, PROMPTS[0], lam)) for lam in LAMS}) == len(LAMS)
+
+
+@pytest.mark.parametrize("kind", ["dual", "pair"])
+def test_a_batch_with_a_different_lam_per_request_equals_each_request_alone(kind, dual_llm, pair_llm, tok):
+    llm = dual_llm if kind == "dual" else pair_llm
+    requests = [(p, lam) for p in PROMPTS for lam in LAMS]  # 12 requests > max_num_seqs: rows join and leave
+    alone = [vllm_tokens(llm, tok, [r])[0] for r in requests]
+    assert vllm_tokens(llm, tok, requests) == alone
+    assert vllm_tokens(llm, tok, requests[::-1]) == alone[::-1]  # other rows, other neighbours
+
+
+def test_lam_as_lam_key_and_default(dual_llm, hf_dual, tok):
+    from vllm import SamplingParams
+
+    ids = {"prompt_token_ids": tok(PROMPTS[0])["input_ids"]}
+    by_lam = dual_llm.generate([ids], SamplingParams(max_tokens=NEW, temperature=0, extra_args={"lam": 0.5}), use_tqdm=False)
+    default = dual_llm.generate([ids], SamplingParams(max_tokens=NEW, temperature=0), use_tqdm=False)
+    assert list(by_lam[0].outputs[0].token_ids) == hf_tokens(hf_dual, tok, PROMPTS[0], 0.5)
+    assert list(default[0].outputs[0].token_ids) == hf_tokens(hf_dual, tok, PROMPTS[0], 1.0)  # the export's default λ
+
+
+# --- errors -----------------------------------------------------------------------------------------------
+
+
+def test_a_bad_lam_is_refused_and_the_engine_keeps_serving(dual_llm, tok):
+    from vllm import SamplingParams
+    from vllm.exceptions import VLLMValidationError
+
+    ids = {"prompt_token_ids": tok("Hello")["input_ids"]}
+    for bad in (float("nan"), float("inf"), "0.5", True, [0.5, "x"]):
+        with pytest.raises(VLLMValidationError, match="alignment_strength.*finite"):
+            dual_llm.generate([ids], SamplingParams(max_tokens=2, extra_args={"alignment_strength": bad}), use_tqdm=False)
+    with pytest.raises(VLLMValidationError, match="not both"):
+        dual_llm.generate([ids], SamplingParams(max_tokens=2, extra_args={"alignment_strength": 1, "lam": 1}), use_tqdm=False)
+    assert len(vllm_tokens(dual_llm, tok, [("Hello", 0.5)])[0]) >= 1
+
+
+def test_unsupported_architectures_are_refused_by_name(tok, tmp_path):
+    gpt2 = build_model("gpt2", tok)
+    insert_adapter(gpt2)
+    with pytest.raises(ValueError, match="supports llama, qwen2; got model_type 'gpt2'"):
+        export_dual_path(gpt2, tok, tmp_path / "x")
+    with pytest.raises(ValueError, match="supports llama, qwen2"):
+        export_pair(build_model("gpt2", tok), [build_model("gpt2", tok, seed=1)], tok, tmp_path / "y")
+    with pytest.raises(ValueError, match="one config.*hidden_size"):
+        export_pair(build_model("llama", tok, **SMALL), [build_model("llama", tok, hidden=128, **SMALL)], tok, tmp_path / "z")
+
+
+def test_stock_loaders_refuse_the_exports(dirs):
+    """transformers alone does not know the model type: no silent λ=1 model, no missing weights."""
+    for key in ("dual-export", "pair-export"):
+        with pytest.raises(ValueError, match="aligndial_llama"):
+            AutoModelForCausalLM.from_pretrained(dirs[key])
+        config = json.load(open(os.path.join(dirs[key], "config.json")))
+        assert config["architectures"][0].startswith("Aligndial") and config["aligndial"]["base_model_type"] == "llama"
+
+
+def test_stock_vllm_without_the_plugin_refuses_the_export(dirs):
+    code = f"from vllm import LLM\nif __name__ == '__main__':\n    LLM({dirs['dual-export']!r}, dtype='float32', max_model_len=128)\n"
+    env = {**os.environ, "VLLM_PLUGINS": "none-but-this-name"}  # an allow-list naming no plugin: ours is not loaded
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    assert out.returncode != 0
+    assert "aligndial_llama" in out.stderr or "AligndialDualPathForCausalLM" in out.stderr, out.stderr[-3000:]
+
+
+# --- servers ----------------------------------------------------------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Subprocess:
+    """A server command on a free port, waited for on /health, stopped with SIGTERM."""
+
+    def __init__(self, argv: list[str], log_path):
+        self.port = free_port()
+        self.log = open(log_path, "w+")
+        self.proc = subprocess.Popen([*argv, "--port", str(self.port)], stdout=self.log, stderr=subprocess.STDOUT)
+        self.url = f"http://127.0.0.1:{self.port}"
+        deadline = time.monotonic() + 240
+        while True:
+            assert self.proc.poll() is None, f"the server exited:\n{self.output()}"
+            assert time.monotonic() < deadline, f"the server did not start:\n{self.output()}"
+            try:
+                if httpx.get(self.url + "/health", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.5)
+
+    def output(self) -> str:
+        self.log.seek(0)
+        return self.log.read()[-5000:]
+
+    def client(self) -> openai.OpenAI:
+        return openai.OpenAI(base_url=self.url + "/v1", api_key="unused", max_retries=0, timeout=120)
+
+    def stop(self):
+        self.proc.terminate()
+        try:
+            self.proc.wait(60)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+
+
+@pytest.fixture(scope="module")
+def vllm_server(dirs, tmp_path_factory):
+    server = Subprocess([os.path.join(os.path.dirname(sys.executable), "vllm"), "serve", dirs["dual-export"], "--served-model-name",
+                         "tiny", "--dtype", "float32", "--max-model-len", "128", "--max-num-seqs", "8"],
+                        tmp_path_factory.mktemp("logs") / "vllm-serve.log")
+    yield server
+    server.stop()
+
+
+def test_vllm_serve_on_the_export_honours_lam_per_request(vllm_server, hf_dual, tok):
+    client = vllm_server.client()
+
+    def ids(lam, prompt=PROMPTS[0]):
+        r = client.completions.create(model="tiny", prompt=prompt, max_tokens=NEW, temperature=0,
+                                      extra_body={"vllm_xargs": {"alignment_strength": lam}, "return_token_ids": True})
+        return r.choices[0].model_extra["token_ids"]
+
+    for lam in (0.0, 2.0):
+        assert ids(lam) == hf_tokens(hf_dual, tok, PROMPTS[0], lam)
+    # Concurrent requests at different λ (batched together by vLLM) each get their own λ.
+    requests = [(p, lam) for p in PROMPTS for lam in LAMS]
+    with ThreadPoolExecutor(len(requests)) as pool:
+        got = list(pool.map(lambda r: ids(r[1], r[0]), requests))
+    assert got == [hf_tokens(hf_dual, tok, p, lam) for p, lam in requests]
+    with pytest.raises(openai.BadRequestError, match="finite"):
+        client.completions.create(model="tiny", prompt="Hi", max_tokens=2, extra_body={"vllm_xargs": {"alignment_strength": "nan"}})
+    assert ids(0.5) == hf_tokens(hf_dual, tok, PROMPTS[0], 0.5)
+
+
+@pytest.fixture(scope="module")
+def aligndial_server(dirs, tmp_path_factory):
+    server = Subprocess([sys.executable, "-m", "aligndial.cli", "serve", "--engine", "vllm", "--model", dirs["llama-ref"],
+                         "--adapter", dirs["adapter"], "--lam-range=-2,3"],
+                        tmp_path_factory.mktemp("logs") / "aligndial-serve.log")
+    yield server
+    server.stop()
+
+
+def test_aligndial_serve_engine_vllm_honours_alignment_strength(aligndial_server, hf_dual, tok):
+    client = aligndial_server.client()
+    model = client.models.list().data[0].id
+
+    def ids(lam, prompt=PROMPTS[0], **kw):
+        r = client.completions.create(model=model, prompt=prompt, max_tokens=NEW, temperature=0,
+                                      extra_body={"alignment_strength": lam, "return_token_ids": True}, **kw)
+        assert r.alignment_strength == lam
+        return r.choices[0].model_extra["token_ids"]
+
+    requests = [(p, lam) for p in PROMPTS for lam in LAMS]
+    with ThreadPoolExecutor(len(requests)) as pool:
+        got = list(pool.map(lambda r: ids(r[1], r[0]), requests))
+    assert got == [hf_tokens(hf_dual, tok, p, lam) for p, lam in requests]
+    chunks = list(client.completions.create(model=model, prompt=PROMPTS[0], max_tokens=NEW, temperature=0, stream=True,
+                                            extra_body={"alignment_strength": 2.0, "return_token_ids": True}))
+    assert sum((c.choices[0].model_extra.get("token_ids", []) for c in chunks), []) == hf_tokens(hf_dual, tok, PROMPTS[0], 2.0)
+    with pytest.raises(openai.BadRequestError, match=r"within \[-2.0, 3.0\]"):
+        ids(5.0)
+    assert ids(0.0) == hf_tokens(hf_dual, tok, PROMPTS[0], 0.0)
+    assert httpx.get(aligndial_server.url + "/health").status_code == 200
+
+
+# --- the CLI ----------------------------------------------------------------------------------------------
+
+
+def test_generate_engine_vllm_matches_engine_hf_on_a_qwen2_pair(dirs, capsys):
+    flags = ["generate", "--ref", dirs["qwen2-ref"], "--aligned", dirs["qwen2-aligned"], *sum((["--lam", str(x)] for x in LAMS), []),
+             *sum((["--prompt", p] for p in PROMPTS), []), "--max-new-tokens", str(NEW), "--json"]
+    assert main(flags) == 0
+    hf_rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert main([*flags, "--engine", "vllm"]) == 0
+    vllm_rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [set(r) for r in vllm_rows] == [set(r) for r in hf_rows] == [{"lam", "prompt", "text", "token_ids", "tokens_per_second"}] * 12
+    drop = lambda rows: [{k: v for k, v in r.items() if k != "tokens_per_second"} for r in rows]  # noqa: E731
+    assert drop(vllm_rows) == drop(hf_rows)
+
+
+def test_cli_vllm_flags(dirs, tmp_path, capsys):
+    assert main(["generate", "--engine", "vllm", "--model", dirs["llama-ref"], "--adapter", dirs["adapter"], "--prompt", "Hi",
+                 "--num-beams", "2"]) == 2
+    assert "not supported with `--engine vllm`" in capsys.readouterr().err
+    out = tmp_path / "merged"
+    assert main(["adapter", "merge", "--model", dirs["llama-ref"], "--adapter", dirs["adapter"], "--out", str(out),
+                 "--for-vllm", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["architecture"] == "AligndialDualPathForCausalLM"
+    assert json.load(open(out / "config.json"))["aligndial"]["adapter_layers"] == 1
+    assert main(["export-vllm", "--ref", dirs["llama-ref"], "--aligned", dirs["llama-aligned"], "--out", str(tmp_path / "p"),
+                 "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["architecture"] == "AligndialPairForCausalLM"
+    assert main(["export-vllm", "--ref", dirs["llama-ref"], "--aligned", dirs["llama-aligned"], "--aligned",
+                 dirs["llama-aligned"], "--out", str(tmp_path / "q")]) == 2
+    assert "--default-lam" in capsys.readouterr().err
