@@ -336,7 +336,9 @@ def save_adapter(model, out_dir: str | Path) -> Path:
     }
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
     try:
-        save_file(tensors, tmp / WEIGHTS_NAME, metadata={"format": "pt", "aligndial": FORMAT})
+        # One metadata key only: safetensors writes its metadata map in no fixed order, so with
+        # two keys the same tensors could give files that hash differently.
+        save_file(tensors, tmp / WEIGHTS_NAME, metadata={"format": "pt"})
         (tmp / CONFIG_NAME).write_text(cfg.to_json())
         if not out_dir.exists():
             os.replace(tmp, out_dir)  # one rename: the adapter appears whole or not at all

@@ -19,14 +19,14 @@ Stages, each a recipe of `aligndial.train` on data from `aligndial.demo.task`:
 4. `trra`:    a full student distilled from the pair (ref, aligned) at λ=`trra_lam` (`train_distill`).
 
 Everything is seeded (data, initialisation, trainer) and runs on one thread, so the same seed
-gives the same weights from a fresh `aligndial demo build` process on any machine of the same
-kind: every file is byte-identical except adapter_model.safetensors, whose header lists its two
-metadata entries in arbitrary order (safetensors keeps them in a hash map), so its hash can change. Why one thread: these models are so
-small that a second thread buys little, and on a shared machine OpenMP threads spin while they
-wait for a busy core (the reference SFT took 4x the CPU time with 2 threads as with 1 while
-others ran tests). The output directory gets one sub-directory per stage with only what loading
-needs, and `manifest.json`: command, seed, configuration, versions, timings and the sha256 of
-every file.
+gives byte-identical files on any machine of the same kind.
+
+Why one thread: these models are so small that a second thread buys little, and on a shared
+machine OpenMP threads spin while they wait for a busy core (the reference SFT took 4x the CPU
+time with 2 threads as with 1 while others ran tests).
+
+The output directory gets one sub-directory per stage with only what loading needs, and
+`manifest.json`: command, seed, configuration, versions, timings and the sha256 of every file.
 """
 
 from __future__ import annotations
@@ -185,7 +185,8 @@ def check_bundle(root: Path) -> dict:
     found = file_table(root)
     expected = manifest["files"]
     problems = [f"{name}: missing" for name in expected if name not in found]
-    problems += [f"{name}: sha256 differs" for name in expected if name in found and found[name]["sha256"] != expected[name]["sha256"]]
+    problems += [f"{name}: sha256 differs" for name in expected
+                 if name in found and found[name]["sha256"] != expected[name]["sha256"]]
     problems += [f"{name}: not in the manifest" for name in found if name not in expected]
     if problems:
         raise ValueError(
@@ -198,7 +199,8 @@ def check_bundle(root: Path) -> dict:
 def versions() -> dict[str, str]:
     from importlib.metadata import version
 
-    return {"python": platform.python_version(), **{p: version(p) for p in ("aligndial", "torch", "transformers", "trl", "datasets", "tokenizers")}}
+    packages = ("aligndial", "torch", "transformers", "trl", "datasets", "tokenizers")
+    return {"python": platform.python_version(), **{p: version(p) for p in packages}}
 
 
 def set_fields(path: Path, **fields) -> None:

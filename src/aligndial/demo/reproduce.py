@@ -1,6 +1,6 @@
 """Reproduce the papers' claims on the demo task; writes docs/reproduction.md and its plots.
 
-    python -m aligndial.demo.reproduce                         # ~30 min on 2 busy cores
+    python -m aligndial.demo.reproduce                         # ~20 min (one thread), from scratch
     python -m aligndial.demo.reproduce --work /tmp/repro       # keep the extra models; a rerun skips them
     python -m aligndial.demo.reproduce --docs docs --problems 192
 
@@ -135,9 +135,11 @@ def section_c(ref: str, tok, problems) -> dict[str, list[dict]]:
 
 def section_d(ref: str, data: dict, work: Path, tok, problems) -> list[dict]:
     aligned = str(BUNDLE / "aligned")
-    students = {f"TrRa λ={lam:g}": str(BUNDLE / "trra") if lam == FULL.trra_lam else trained(
-        work / f"trra-{lam:g}", lambda lam=lam: train_trra(ref, aligned, data["distill"], work / f"trra-{lam:g}", FULL, SEED, lam=lam))
-        for lam in TRRA_LAMS}
+    students = {}
+    for lam in TRRA_LAMS:  # the bundled student is the one at FULL.trra_lam
+        out = work / f"trra-{lam:g}"
+        students[f"TrRa λ={lam:g}"] = str(BUNDLE / "trra") if lam == FULL.trra_lam else trained(
+            out, lambda out=out, lam=lam: train_trra(ref, aligned, data["distill"], out, FULL, SEED, lam=lam))
     students["TrRa-iter (λ=2, 2 rounds)"] = trained(work / "trra-iter", lambda: train_trra(
         ref, aligned, data["distill"], work / "trra-iter", FULL, SEED, lam=2.0, iterations=2))
     rows = [{"model": "reference (λ=0)", **alone(pair_of(ref, ref), tok, problems)},
@@ -155,8 +157,9 @@ def section_e(ref: str, data: dict, work: Path, tok, problems) -> list[dict]:
         path = trained(out, lambda out=out, layers=layers: train_aligned(ref, data["prefs"], out, FULL, SEED, layers=layers))
         rows.append({"layers trained": layers, "trainable params": f"{summary_of(path)['trainable_params']:,}",
                      **alone(pair_of(ref, path), tok, problems)})
-    rows.append({"layers trained": "all (bundled `aligned`)", "trainable params": f"{summary_of(str(BUNDLE / 'aligned'))['trainable_params']:,}",
-                 **alone(pair_of(ref, str(BUNDLE / "aligned")), tok, problems)})
+    aligned = str(BUNDLE / "aligned")
+    rows.append({"layers trained": "all (bundled `aligned`)", "trainable params": f"{summary_of(aligned)['trainable_params']:,}",
+                 **alone(pair_of(ref, aligned), tok, problems)})
     return rows
 
 
@@ -178,7 +181,8 @@ def plot_a(rows: list[dict], path: Path) -> None:
     for ax, key, label in zip(axes, ("careful", "tokens", "accuracy"), ("step-by-step share", "tokens per reply", "accuracy")):
         for kind, marker in (("DeRa", "s"), ("DPO retrained", "^")):
             pts = [r for r in rows if r["model"].startswith(kind)]
-            ax.plot([r["λ"] for r in pts], [r[key] for r in pts], marker + "-", label=kind + (" on DPO β" if kind == "DeRa" else " at β/λ"))
+            name = kind + (" on DPO β" if kind == "DeRa" else " at β/λ")
+            ax.plot([r["λ"] for r in pts], [r[key] for r in pts], marker + "-", label=name)
         ax.set_xlabel("λ")
         ax.set_ylabel(label)
         ax.grid(alpha=0.3)
@@ -262,7 +266,7 @@ def verdict_c(sweeps: dict[str, list[dict]]) -> str:
             "tokens rise": monotone([r["tokens"] for r in rows], slack=0.5),
             "accuracy rises": monotone([r["accuracy"] for r in rows], slack=0.03),
         }
-        at = {r["lam"]: r for r in rows}
+        at = {r["lam"]: r for r in all_rows}
         lines.append(f"- {method}: " + "; ".join(f"{k}: **{'yes' if v else 'no'}**" for k, v in checks.items())
                      + f". From λ=0 to λ=2 the share goes {at[0.0]['careful']:.2f} → {at[2.0]['careful']:.2f} and accuracy "
                      f"{at[0.0]['accuracy']:.2f} → {at[2.0]['accuracy']:.2f}; at λ=-1 they are {at[-1.0]['careful']:.2f} and "
@@ -281,12 +285,13 @@ def verdict_d(rows: list[dict]) -> str:
     lams = ", ".join(f"{x:g}" for x in TRRA_LAMS)
     return (f"- λ sets the students' length: tokens {tokens} for λ = {lams}: "
             f"**{'holds' if controls else 'does not hold'}** (rule: non-decreasing, slack 0.5).\n"
-            f"- TrRa-iter amplifies the pattern beyond λ=2: tokens {it['tokens']:.1f} vs {two['tokens']:.1f}, step-by-step share "
-            f"{it['careful']:.2f} vs {two['careful']:.2f}: **{'holds' if it['tokens'] > two['tokens'] else 'does not hold'}**.\n"
-            f"- FR finds that iterating costs correctness. Here the second round's teacher mixes the reference with the "
-            f"λ=2 student at λ=2, about π_ref^-3·π_aligned^4 (DeRa at λ≈4, past where extrapolation works in (c)), and the "
-            f"student degrades: accuracy {it['accuracy']:.2f} vs {two['accuracy']:.2f} at λ=2, KL to the reference "
-            f"{it['kl']:.2f} vs {two['kl']:.2f}.")
+            f"- TrRa-iter amplifies the pattern beyond λ=2: tokens {it['tokens']:.1f} vs {two['tokens']:.1f}, "
+            f"step-by-step share {it['careful']:.2f} vs {two['careful']:.2f}: "
+            f"**{'holds' if it['tokens'] > two['tokens'] else 'does not hold'}**.\n"
+            f"- FR finds that iterating costs correctness. Here the second round's teacher mixes the reference with "
+            f"the λ=2 student at λ=2, about π_ref^-3·π_aligned^4 (DeRa at λ≈4, past where extrapolation works in "
+            f"(c)), and the student degrades: accuracy {it['accuracy']:.2f} vs {two['accuracy']:.2f} at λ=2, "
+            f"KL to the reference {it['kl']:.2f} vs {two['kl']:.2f}.")
 
 
 def verdict_e(rows: list[dict]) -> str:
@@ -316,8 +321,9 @@ def write_report(r: dict, docs: Path) -> Path:
     sweeps = r["c"]
     sweep_rows = [{"method": m, "λ": row["lam"], **{k: row[k] for k in METRICS}} for m, rows in sweeps.items() for row in rows]
     cfg, params = r["config"], r["ref_params"]
-    schedule_rows = [{"λ turn 1": x["first_lam"], "λ turn 2": x["later_lam"], "turn-1 accuracy": f"{x['turn1_accuracy']:.2f}",
-                      "turn-2 accuracy": f"{x['turn2_accuracy']:.2f}", "turn-2 tokens": f"{x['turn2_tokens']:.1f}"} for x in r["f"]]
+    schedule_rows = [{"λ turn 1": x["first_lam"], "λ turn 2": x["later_lam"],
+                      "turn-1 accuracy": f"{x['turn1_accuracy']:.2f}", "turn-2 accuracy": f"{x['turn2_accuracy']:.2f}",
+                      "turn-2 tokens": f"{x['turn2_tokens']:.1f}"} for x in r["f"]]
     text = f"""# Reproduction of the papers' claims on the demo task
 
 Produced by
@@ -326,11 +332,12 @@ Produced by
 python -m aligndial.demo.reproduce --work {r['work']} --docs {r['docs']} --problems {r['problems']}
 ```
 
-on {r['date']} in {r['minutes']:.0f} minutes on 2 CPU cores shared with other work ({r['train_minutes']:.0f} of them
-training {r['n_trained']} extra models, one thread each), from the bundled models
+on {r['date']}, on 2 CPU cores shared with other work, from the bundled models
 (`{r['build']}`; see `src/aligndial/demo/models/manifest.json`) plus the extra models each section
-trains into `--work` with the same stage functions (`aligndial.demo.build`). Rerunning skips
-models already trained there. Plots are next to this file.
+trains into `--work` with the same stage functions (`aligndial.demo.build`). Training those
+{r['n_trained']} models took {r['train_minutes']:.0f} minutes (one thread; times recorded when each was trained, and
+a rerun reuses them); the run that wrote this file took {r['minutes']:.0f} minutes in all, including any
+training it did. Plots are next to this file.
 
 **Task** (`aligndial.demo.task`): arithmetic word problems with one to three operations, answered
 directly ("The answer is 14.") or step by step ("Step 1: 12 + 5 = 17. Step 2: 17 - 3 = 14. The
@@ -468,9 +475,9 @@ def run(work: Path, docs: Path, n_problems: int) -> dict:
     plot_a(r["a"], docs / "reproduction-a.png")
     plot_c(r["c"], docs / "reproduction-c.png")
     plot_d(r["d"], docs / "reproduction-d.png")
-    r["minutes"] = (time.perf_counter() - started) / 60
     extra = [summary_of(str(p)) for p in work.iterdir() if (p / "training_summary.json").is_file()]
     r["n_trained"], r["train_minutes"] = len(extra), sum(x.get("seconds", 0) for x in extra) / 60
+    r["minutes"] = (time.perf_counter() - started) / 60
     (work / "results.json").write_text(json.dumps(r, indent=2, default=str))
     print(f"[reproduce] wrote {write_report(r, docs)}")
     return r

@@ -129,7 +129,8 @@ def write_plot(result: dict, path: str) -> str:
         for method, style, name in (("DeRa", "o-", "DeRa: ref + aligned model"), ("InRa", "s--", "InRa: ref + layer adapter")):
             rows = [r for r in result["sweep"] if r["method"] == method]
             ax.plot([r["lam"] for r in rows], [r[key] for r in rows], style, label=name)
-        ax.plot([t["distilled_at"]], [t[key]], "*", markersize=13, color="tab:red", label=f"TrRa student (λ={t['distilled_at']:g})")
+        ax.plot([t["distilled_at"]], [t[key]], "*", markersize=13, color="tab:red",
+                label=f"TrRa student (λ={t['distilled_at']:g})")
         for x, name in ((0, "ref"), (1, "aligned")):
             ax.axvline(x, color="grey", lw=0.8, ls=":")
             ax.annotate(name, (x, 1.0), xycoords=("data", "axes fraction"), xytext=(2, -10), textcoords="offset points",

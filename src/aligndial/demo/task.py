@@ -30,7 +30,8 @@ import random
 import re
 from dataclasses import dataclass
 
-NAMES = [("Tom", "he"), ("Ana", "she"), ("Sam", "he"), ("Mia", "she"), ("Leo", "he"), ("Zoe", "she"), ("Ben", "he"), ("Eva", "she")]
+NAMES = [("Tom", "he"), ("Ana", "she"), ("Sam", "he"), ("Mia", "she"),
+         ("Leo", "he"), ("Zoe", "she"), ("Ben", "he"), ("Eva", "she")]
 ITEMS = ["apples", "pens", "cards", "coins", "books", "eggs", "shells", "stamps"]
 GAINS = ["buys {n} more", "finds {n} more", "gets {n} more"]
 LOSSES = ["gives away {n}", "loses {n}", "sells {n}"]
