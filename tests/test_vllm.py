@@ -20,6 +20,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+os.environ.setdefault("VLLM_LOGGING_STREAM", "ext://sys.stderr")  # as `aligndial generate --engine vllm` sets it
 if os.environ.get("ALIGNDIAL_REQUIRE_VLLM") == "1":
     import vllm  # noqa: F401  (CI: a missing vLLM is a failure, not a skip)
 else:
@@ -320,7 +321,9 @@ def test_generate_engine_vllm_matches_engine_hf_on_a_qwen2_pair(dirs, capsys):
     assert main(flags) == 0
     hf_rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     assert main([*flags, "--engine", "vllm"]) == 0
-    vllm_rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    out = capsys.readouterr().out
+    assert out.startswith("{"), out[:2000]
+    vllm_rows = [json.loads(line) for line in out.splitlines()]
     assert [set(r) for r in vllm_rows] == [set(r) for r in hf_rows] == [{"lam", "prompt", "text", "token_ids", "tokens_per_second"}] * 12
     drop = lambda rows: [{k: v for k, v in r.items() if k != "tokens_per_second"} for r in rows]  # noqa: E731
     assert drop(vllm_rows) == drop(hf_rows)

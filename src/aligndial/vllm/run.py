@@ -9,6 +9,7 @@ to a temporary directory first (export.py), which the caller removes when done.
 from __future__ import annotations
 
 import json
+import os
 import tempfile
 import time
 from pathlib import Path
@@ -104,6 +105,7 @@ def sampling_params(max_tokens: int, lam, temperature: float = 0.0, top_p: float
 def generate_rows(args, prompts: list, lams: list) -> dict[str, list[dict]]:
     """{json.dumps(lam): one row per prompt} for `aligndial generate --engine vllm`: every
     (prompt, λ) is one request of a single batch, so the rows decode together, each at its own λ."""
+    os.environ.setdefault("VLLM_LOGGING_STREAM", "ext://sys.stderr")  # stdout carries only the rows (`--json`)
     from vllm import LLM
 
     from aligndial.generation import render_prompts
