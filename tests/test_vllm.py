@@ -35,7 +35,6 @@ from aligndial.adapter import decoder_layers, insert_adapter, load_adapter, save
 from aligndial.cli import main  # noqa: E402
 from aligndial.dualpath import DualPathModel  # noqa: E402
 from aligndial.generation import generate_rows  # noqa: E402
-from aligndial.loading import load_tokenizer  # noqa: E402
 from aligndial.pair import RealignedPair  # noqa: E402
 from aligndial.tiny import build_model, save  # noqa: E402
 from aligndial.vllm.export import export_dual_path, export_pair  # noqa: E402
@@ -54,7 +53,7 @@ def dirs(tok, tmp_path_factory):
     root = tmp_path_factory.mktemp("vllm-models")
     d = {}
     for arch in ("llama", "qwen2"):
-        for seed, name in ((0, "ref"), (1, "aligned")):
+        for seed, name in ((0, "ref"), (1, "aligned"), (2, "aligned2")):
             d[f"{arch}-{name}"] = str(save(build_model(arch, tok, seed=seed, **SMALL), tok, root / f"{arch}-{name}"))
     model = build_model("llama", tok, seed=0, **SMALL)
     insert_adapter(model, num_layers=1)
@@ -315,9 +314,12 @@ def test_aligndial_serve_engine_vllm_honours_alignment_strength(aligndial_server
 # --- the CLI ----------------------------------------------------------------------------------------------
 
 
-def test_generate_engine_vllm_matches_engine_hf_on_a_qwen2_pair(dirs, capsys):
-    flags = ["generate", "--ref", dirs["qwen2-ref"], "--aligned", dirs["qwen2-aligned"], *sum((["--lam", str(x)] for x in LAMS), []),
-             *sum((["--prompt", p] for p in PROMPTS), []), "--max-new-tokens", str(NEW), "--json"]
+def test_generate_engine_vllm_matches_engine_hf_on_a_qwen2_pair_of_two_aligned_models(dirs, capsys):
+    """Qwen2, K = 2 aligned models (DeRa App. B: one weight each), and the `--json` row contract."""
+    lams = ["0,0", "0.5,0.25", "1,0", "2,-0.5"]
+    flags = ["generate", "--ref", dirs["qwen2-ref"], "--aligned", dirs["qwen2-aligned"], "--aligned", dirs["qwen2-aligned2"],
+             *sum((["--lam", x] for x in lams), []), *sum((["--prompt", p] for p in PROMPTS), []),
+             "--max-new-tokens", str(NEW), "--json"]
     assert main(flags) == 0
     hf_rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     assert main([*flags, "--engine", "vllm"]) == 0
@@ -327,12 +329,15 @@ def test_generate_engine_vllm_matches_engine_hf_on_a_qwen2_pair(dirs, capsys):
     assert [set(r) for r in vllm_rows] == [set(r) for r in hf_rows] == [{"lam", "prompt", "text", "token_ids", "tokens_per_second"}] * 12
     drop = lambda rows: [{k: v for k, v in r.items() if k != "tokens_per_second"} for r in rows]  # noqa: E731
     assert drop(vllm_rows) == drop(hf_rows)
+    assert len({tuple(r["token_ids"]) for r in hf_rows if r["prompt"] == PROMPTS[0]}) == len(lams)
 
 
 def test_cli_vllm_flags(dirs, tmp_path, capsys):
     assert main(["generate", "--engine", "vllm", "--model", dirs["llama-ref"], "--adapter", dirs["adapter"], "--prompt", "Hi",
                  "--num-beams", "2"]) == 2
     assert "not supported with `--engine vllm`" in capsys.readouterr().err
+    assert main(["serve", "--engine", "vllm", "--model", dirs["llama-ref"], "--adapter", dirs["adapter"], "--device", "cpu"]) == 2
+    assert "`--device` does not apply" in capsys.readouterr().err
     out = tmp_path / "merged"
     assert main(["adapter", "merge", "--model", dirs["llama-ref"], "--adapter", dirs["adapter"], "--out", str(out),
                  "--for-vllm", "--json"]) == 0

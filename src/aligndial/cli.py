@@ -103,7 +103,7 @@ def _generate_vllm(args, prompts: list) -> int:
     """`generate --engine vllm`: the same rows, from one vLLM batch holding every (prompt, λ)."""
     from aligndial.vllm.run import check_installed, export_n_aligned, generate_rows
 
-    check_installed()
+    check_installed(args)
     n_aligned = len(args.aligned or []) if args.ref else 1 if args.adapter else export_n_aligned(args.model or "")
     lams = _lams(args, n_aligned)
     _print_rows(args, prompts, lams, generate_rows(args, prompts, lams))

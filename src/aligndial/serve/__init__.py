@@ -61,7 +61,7 @@ def settings_from_args(args) -> ServerSettings:
     if args.engine == "vllm":
         from aligndial.vllm.run import check_installed, export_n_aligned
 
-        check_installed()
+        check_installed(args)
         if args.model and not args.adapter:
             n_aligned = export_n_aligned(args.model)
     lo, hi = _lam_range(args.lam_range)

@@ -65,8 +65,8 @@ def _layer(layer, attn, positions, h, residual):
     return layer.mlp(h), residual
 
 
-def _stack(model, layers, attns, positions, h, residual=None):
-    """Run `layers` (with `attns`) from (h, residual); return the normed final hidden states (T, H)."""
+def _stack(layers, attns, positions, h, residual=None):
+    """Run `layers` (with `attns`) from (h, residual); returns (h, residual), before the final norm."""
     for layer, attn in zip(layers, attns):
         h, residual = _layer(layer, attn, positions, h, residual)
     return h, residual
@@ -107,9 +107,9 @@ class AligndialDualPathForCausalLM(nn.Module):
         model, n = self.lm.model, self.n_adapter
         layers = list(model.layers)
         h = _embed(model, input_ids, inputs_embeds)  # (T, H)
-        adapted, residual = _stack(model, layers[:n], [x.self_attn.attn for x in layers[:n]], positions, h)
-        aligned, aligned_res = _stack(model, layers[n:], [x.self_attn.attn for x in layers[n:]], positions, adapted, residual)
-        base, base_res = _stack(model, layers[n:], self.base_attn, positions, h)
+        adapted, residual = _stack(layers[:n], [x.self_attn.attn for x in layers[:n]], positions, h)
+        aligned, aligned_res = _stack(layers[n:], [x.self_attn.attn for x in layers[n:]], positions, adapted, residual)
+        base, base_res = _stack(layers[n:], self.base_attn, positions, h)
         return torch.cat([model.norm(base, base_res)[0], model.norm(aligned, aligned_res)[0]], dim=-1)  # (T, 2H)
 
     def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor:
@@ -144,7 +144,7 @@ class AligndialPairForCausalLM(nn.Module):
         out = []
         for member in self.members:
             model = member.model
-            h, residual = _stack(model, model.layers, [x.self_attn.attn for x in model.layers], positions,
+            h, residual = _stack(model.layers, [x.self_attn.attn for x in model.layers], positions,
                                  model.embed_input_ids(input_ids))
             out.append(model.norm(h, residual)[0])
         return torch.cat(out, dim=-1)  # (T, (1+K)·H)

@@ -20,8 +20,13 @@ from aligndial.vllm.export import export_dual_path, export_pair
 _KEEP_DTYPES = {"float32", "bfloat16", "float16"}
 
 
-def check_installed() -> None:
+def check_installed(args=None) -> None:
+    """`--engine vllm` is usable: vLLM is installed, and no flag that only the HF engine has is set."""
     import importlib.util
+
+    if args is not None and getattr(args, "device", None):
+        raise ValueError("`--device` does not apply to `--engine vllm`: vLLM runs on its platform's devices "
+                         "(CUDA_VISIBLE_DEVICES chooses GPUs)")
 
     if importlib.util.find_spec("vllm") is None:
         raise ValueError("`--engine vllm` needs vLLM in this environment: `pip install 'aligndial[vllm]'` on CPU "
@@ -116,7 +121,7 @@ def generate_rows(args, prompts: list, lams: list) -> dict[str, list[dict]]:
     if args.think_lam is not None:
         raise ValueError("`--think-lam` (λ changing inside a response) is not supported with `--engine vllm`; use `--engine hf`")
     with tempfile.TemporaryDirectory(prefix="aligndial-vllm-") as workdir:
-        path, n_aligned = model_dir(args, workdir)
+        path, n_aligned = model_dir(args, workdir, default_lam=lams[0])  # every request below gives its λ
         if not n_aligned and any(lam is not None for lam in lams):
             raise ValueError("`--lam` needs a mix: add `--aligned` (with `--ref`) or `--adapter` (with `--model`)")
         tok = load_tokenizer(path, args.trust_remote_code)
