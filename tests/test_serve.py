@@ -492,7 +492,6 @@ def test_a_model_whose_cache_cannot_be_left_padded_is_refused_at_startup(tok):
 
 def test_cli_flags_fail_before_loading(capsys):
     for argv, message in [
-        (["--engine", "vllm"], "not available yet"),
         (["--lam-range=3,1"], "LO ≤ HI"),
         (["--lam-range=nan,1"], "must be finite"),
         (["--default-lam", "20"], "outside `--lam-range`"),
