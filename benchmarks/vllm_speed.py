@@ -27,6 +27,7 @@ from common import NEW_TOKENS, llama_50m, prompt_ids, table
 from dualpath_speed import adapted
 
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
 BATCH, LAM = 4, 0.5
 
 

@@ -3,11 +3,12 @@ strength λ, and concurrent requests with different λ share forward passes.
 
     aligndial serve --ref sft-model --aligned dpo-model --port 8000
     aligndial serve --model M --adapter my-adapter/ --lam-range=-2,4 --api-key "$KEY"
+    aligndial serve --engine vllm --model M --adapter my-adapter/      # the same app on vLLM
     curl localhost:8000/v1/completions -H 'content-type: application/json' \\
         -d '{"model": "dpo-model", "prompt": "Hi", "max_tokens": 16, "alignment_strength": 0.5}'
 
 Files: protocol.py (request bodies and their bounds), errors.py (OpenAI error objects),
-engine.py (the batching engine), batch.py (rows joining and leaving a KV cache), app.py (routes,
+engine.py (the batching engine), vllm_engine.py (the same interface on vLLM), batch.py (rows joining and leaving a KV cache), app.py (routes,
 `create_app(engine, settings)`), static/ (the playground page at /). This module turns the
 command's flags into those pieces.
 """

@@ -27,6 +27,7 @@ from collections.abc import Iterable
 
 import torch
 from torch import nn
+from vllm.compilation.decorators import support_torch_compile
 from vllm.model_executor.layers.attention import Attention
 from vllm.model_executor.models.llama import LlamaForCausalLM
 from vllm.model_executor.models.qwen2 import Qwen2ForCausalLM
@@ -65,6 +66,15 @@ def _layer(layer, attn, positions, h, residual):
     return layer.mlp(h), residual
 
 
+def _split_attention(aligned_attn, base_attn, t: int):
+    """Attention over 2T rows [aligned; base]: each half with its own module, so its own KV cache."""
+
+    def attn(q, k, v):
+        return torch.cat([aligned_attn(q[:t], k[:t], v[:t]), base_attn(q[t:], k[t:], v[t:])])
+
+    return attn
+
+
 def _stack(layers, attns, positions, h, residual=None):
     """Run `layers` (with `attns`) from (h, residual); returns (h, residual), before the final norm."""
     for layer, attn in zip(layers, attns):
@@ -76,6 +86,12 @@ def _embed(model, input_ids, inputs_embeds):
     return inputs_embeds if inputs_embeds is not None else model.embed_input_ids(input_ids)
 
 
+# vLLM compiles `forward` (every path, every layer), as it compiles its own models; `compute_logits`,
+# where each row's λ comes in, stays eager. `--enforce-eager` turns compilation off.
+_compiled = support_torch_compile(dynamic_arg_dims={"input_ids": 0, "positions": -1, "inputs_embeds": 0})
+
+
+@_compiled
 class AligndialDualPathForCausalLM(nn.Module):
     """Base model + layer adapter; λ mixes the base path (λ=0) and the adapter path (λ=1)."""
 
@@ -108,9 +124,18 @@ class AligndialDualPathForCausalLM(nn.Module):
         layers = list(model.layers)
         h = _embed(model, input_ids, inputs_embeds)  # (T, H)
         adapted, residual = _stack(layers[:n], [x.self_attn.attn for x in layers[:n]], positions, h)
-        aligned, aligned_res = _stack(layers[n:], [x.self_attn.attn for x in layers[n:]], positions, adapted, residual)
-        base, base_res = _stack(layers[n:], self.base_attn, positions, h)
-        return torch.cat([model.norm(base, base_res)[0], model.norm(aligned, aligned_res)[0]], dim=-1)  # (T, 2H)
+        # The shared layers run both paths as one batch of 2T rows, [aligned; base], so each projection
+        # reads its weights once per step (decoding is weight-bound); only attention is split, each half
+        # with its own KV cache. The base path enters layer n with a zero residual: x + 0 is exactly x,
+        # so it computes what the plain model's layer 0 computes.
+        t = h.shape[0]
+        both, residual = torch.cat([adapted, h]), torch.cat([residual, torch.zeros_like(h)])
+        both_positions = torch.cat([positions, positions])
+        for layer, base_attn in zip(layers[n:], self.base_attn):
+            attn = _split_attention(layer.self_attn.attn, base_attn, t)
+            both, residual = _layer(layer, attn, both_positions, both, residual)
+        out = model.norm(both, residual)[0]
+        return torch.cat([out[t:], out[:t]], dim=-1)  # (T, 2H): base, aligned
 
     def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor:
         base, aligned = hidden_states.chunk(2, dim=-1)  # (R, H) each
@@ -121,6 +146,7 @@ class AligndialDualPathForCausalLM(nn.Module):
         return {f"lm.{name}" for name in self.lm.load_weights(weights)}
 
 
+@_compiled
 class AligndialPairForCausalLM(nn.Module):
     """A reference model and K aligned models (DeRa), each with its own KV caches."""
 
