@@ -9,7 +9,9 @@ its own λ (from `strength.active().rows(n)`) through `aligndial.mixing`.
 - **Dual path** (`AligndialDualPathForCausalLM`): the merged model, L+n decoder layers with the
   adapter at 0..n−1. The aligned path runs all of them; the base path starts at layer n with a
   second `Attention` per shared layer (prefix `base_path.layers.{i}.attn`), which owns a second
-  KV cache and shares the layer's projection weights. Both paths end in the same linear head,
+  KV cache and shares the layer's projection weights. Through the shared layers the two paths
+  travel as one batch of 2T rows (as `aligndial.dualpath` does with 2B rows), split only for
+  attention. Both paths end in the same linear head,
   so the final hidden states are mixed and the head runs once (`mix_hidden`, as in
   `aligndial.dualpath`).
 - **Pair** (`AligndialPairForCausalLM`): one vLLM `*ForCausalLM` per member (`ref`,
