@@ -64,6 +64,27 @@ def _routed(layer_forward, router: _Router, returns_tuple: bool):
     return forward
 
 
+# fp32 on CPU: a decode step of the dual path multiplies each weight by 2B rows. For a few rows,
+# MKL's GEMM packs the whole weight matrix first and took 1.5-2x its one-row product, which was
+# most of the gap to the plain model; W @ xᵀ keeps the weight as the streamed operand and
+# measured as fast as the plain model's step. Used only in the dual forward (the λ=0 / λ=1
+# fast paths stay stock, so they remain bit-exact with plain transformers).
+SMALL_ROWS = 8
+
+
+def _few_rows_linear(linear: torch.nn.Linear, router: _Router):
+    forward = linear.forward
+
+    def few_rows_forward(x):
+        rows = x.numel() // x.shape[-1]
+        if router.mode != "dual" or rows > SMALL_ROWS or x.dtype != torch.float32 or x.device.type != "cpu":
+            return forward(x)
+        y = (linear.weight @ x.reshape(rows, -1).T).T.reshape(*x.shape[:-1], linear.out_features)
+        return y if linear.bias is None else y + linear.bias
+
+    return few_rows_forward
+
+
 class DualPathCache(DynamicCache):
     """A DynamicCache whose first n layers (the adapter) may hold only the aligned rows, or
     nothing at all on the λ=0 path. Lengths and mask sizes are read from the first shared layer,
@@ -110,6 +131,10 @@ class DualPathModel(MixedLM):
         for layer in list(decoder_layers(model))[: self.n_adapter]:
             if "forward" not in layer.__dict__:  # route once, even if wrapped twice
                 layer.forward = _routed(layer.forward, self._router, returns_tuple)
+        for module in decoder_layers(model).modules():
+            # Exactly nn.Linear: subclasses (our LoRALinear) add terms this shortcut would drop.
+            if type(module) is torch.nn.Linear and "forward" not in module.__dict__:
+                module.forward = _few_rows_linear(module, self._router)
         # Mixing hidden states before the head is exact only for a plain linear head.
         self.mix_before_head = getattr(model.config, "final_logit_softcapping", None) is None and isinstance(
             model.get_output_embeddings(), torch.nn.Linear
