@@ -65,9 +65,9 @@ def _routed(layer_forward, router: _Router, returns_tuple: bool):
 
 
 # fp32 on CPU: a decode step of the dual path multiplies each weight by 2B rows. For a few rows,
-# MKL's GEMM packs the whole weight matrix first and took 1.5-2x its one-row product, which was
-# most of the gap to the plain model; W @ xᵀ keeps the weight as the streamed operand and
-# measured as fast as the plain model's step. Used only in the dual forward (the λ=0 / λ=1
+# the stock GEMM (F.linear) took 1.5-2x its one-row product here (it appears to pack the weight
+# matrix on every call), most of the gap to the plain model; W @ xᵀ measured about as fast as
+# the plain model's step (benchmarks/dualpath_speed.py: 0.775 -> 0.949). Used only in the dual forward (the λ=0 / λ=1
 # fast paths stay stock, so they remain bit-exact with plain transformers).
 SMALL_ROWS = 8
 
