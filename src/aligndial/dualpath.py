@@ -21,7 +21,6 @@ from transformers import DynamicCache
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from aligndial.adapter import decoder_layers, load_adapter
-from aligndial.cache import growing
 from aligndial.generation import MixedLM
 from aligndial.mixing import LamLike, mix_hidden, mix_logits
 
@@ -92,7 +91,6 @@ class DualPathCache(DynamicCache):
 
     def __init__(self, config, n_adapter: int):
         super().__init__(config=config)
-        growing(self)
         self.n_adapter = n_adapter
 
     def get_seq_length(self, layer_idx: int = 0) -> int:

@@ -20,7 +20,6 @@ import torch
 from torch import nn
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
-from aligndial.cache import growing
 from aligndial.generation import MixedLM
 from aligndial.loading import load_causal_lm, load_tokenizer
 from aligndial.mixing import LamLike, active_sources, mix_logits
@@ -118,7 +117,7 @@ class RealignedPair(MixedLM):
     def new_cache(self) -> PairCache:
         from transformers import DynamicCache
 
-        return PairCache([growing(DynamicCache(config=m.config)) for m in self.members])
+        return PairCache([DynamicCache(config=m.config) for m in self.members])
 
     def prepare_inputs_for_generation(self, input_ids, past_key_values=None, lam=None, lam_schedule=None, **kwargs):
         """Each active member prepares its own inputs, exactly as plain transformers would."""

@@ -17,7 +17,7 @@ Layouts, one per supported model kind (`row_blocks` names them):
   its own, so row i stays at i and B + i. (The engine always runs with `run_all=True`, so the
   adapter layers are never empty.)
 
-Only full-attention layers (`DynamicLayer`, and our in-place `GrowingLayer`) can be padded this way: a sliding-window layer
+Only full-attention layers (`DynamicLayer`) can be padded this way: a sliding-window layer
 keeps the last W tokens, and left padding would shift its window.
 """
 
@@ -28,7 +28,6 @@ import torch.nn.functional as F
 from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
-from aligndial.cache import GrowingLayer
 from aligndial.dualpath import DualPathCache
 from aligndial.pair import PairCache
 
@@ -44,7 +43,7 @@ def row_blocks(cache) -> list[tuple[DynamicLayer, int]]:
     else:
         raise TypeError(f"the batching engine supports DynamicCache, PairCache and DualPathCache; got {type(cache).__name__}")
     for i, (layer, _) in enumerate(layers):
-        if type(layer) not in (DynamicLayer, GrowingLayer):
+        if type(layer) is not DynamicLayer:
             raise ValueError(
                 f"cache layer {i} is a {type(layer).__name__}; the batching engine can only left-pad full-attention "
                 "layers (DynamicLayer), so models with sliding-window or other special layers are not supported"

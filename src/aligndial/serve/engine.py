@@ -35,7 +35,6 @@ from dataclasses import dataclass
 import torch
 from transformers import DynamicCache
 
-from aligndial.cache import growing
 from aligndial.dualpath import DualPathModel
 from aligndial.pair import RealignedPair
 from aligndial.serve.batch import BatchCache
@@ -283,7 +282,7 @@ class HFEngine:
         return taken
 
     def _new_cache(self):
-        return self.model.new_cache() if self.n_aligned else growing(DynamicCache(config=self.model.config))
+        return self.model.new_cache() if self.n_aligned else DynamicCache(config=self.model.config)
 
     def _forward(self, input_ids, mask, positions, cache, lam) -> torch.Tensor:
         """(B, V) float32 next-token logits, λ-mixed by the model itself."""
