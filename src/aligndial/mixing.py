@@ -128,8 +128,7 @@ def mix_logits(
     sources = [ref_logits, *_as_list(aligned_logits)]
     present = next(s for s in sources if s is not None)
     w = source_weights(lam_weights(lam, present.shape[0], len(sources) - 1))  # (B, 1+K)
-    out = torch.zeros(present.shape, dtype=torch.float32, device=present.device)
-    masked = torch.zeros(present.shape, dtype=torch.bool, device=present.device)
+    out, masked = None, None
     for i, src in enumerate(sources):
         wi = w[:, i]
         if src is None:
@@ -138,18 +137,23 @@ def mix_logits(
             continue
         if src.shape != present.shape:
             raise ValueError(f"all sources must have the same shape; got {tuple(src.shape)} and {tuple(present.shape)}")
-        name = "ref_logits" if i == 0 else f"aligned_logits[{i - 1}]"
-        src = src.float()
-        if torch.isnan(src).any() or torch.isposinf(src).any():
-            bad = "NaN" if torch.isnan(src).any() else "+inf"
-            raise ValueError(f"{name} contains {bad}; the model's output is broken (check its dtype and weights)")
-        wv = _row_view(wi, src)
-        neg = torch.isneginf(src)
-        out += torch.where(neg, 0.0, src) * wv
-        masked |= neg & (wv != 0)
-    out.masked_fill_(masked, float("-inf"))
-    if masked.all(dim=-1).any():
-        raise ValueError("every token is masked (−inf) in some source for at least one position; nothing can be sampled")
+        src, wv = src.float(), _row_view(wi, src)
+        # Decoding calls this once per token, so the all-finite case costs one check; the
+        # rest (the −inf union, NaN/+inf errors) runs only when some value is not finite.
+        if not torch.isfinite(src).all():
+            name = "ref_logits" if i == 0 else f"aligned_logits[{i - 1}]"
+            if torch.isnan(src).any() or torch.isposinf(src).any():
+                bad = "NaN" if torch.isnan(src).any() else "+inf"
+                raise ValueError(f"{name} contains {bad}; the model's output is broken (check its dtype and weights)")
+            neg = torch.isneginf(src)
+            src = src.masked_fill(neg, 0.0)
+            masked = neg & (wv != 0) if masked is None else masked | (neg & (wv != 0))
+        term = src * wv
+        out = term if out is None else out.add_(term)
+    if masked is not None:
+        out.masked_fill_(masked, float("-inf"))
+        if masked.all(dim=-1).any():
+            raise ValueError("every token is masked (−inf) in some source for at least one position; nothing can be sampled")
     return out
 
 

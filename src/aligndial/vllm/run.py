@@ -107,10 +107,23 @@ def sampling_params(max_tokens: int, lam, temperature: float = 0.0, top_p: float
                           extra_args=None if lam is None else {"alignment_strength": lam}, **kw)
 
 
+def offline_on_cpu() -> None:
+    """On CPU, run the offline engine's core in this process, its worker bound to every core we
+    may use (unless the user set these variables). vLLM's default layout puts the scheduler and
+    the worker in two processes that poll each other and reserves a core for the scheduler: on
+    this 2-core machine that cost ~15-20% of the dual path's tokens/s (benchmarks/vllm_speed.py)."""
+    from vllm.platforms import current_platform
+
+    if current_platform.is_cpu():
+        os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+        os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", ",".join(map(str, sorted(os.sched_getaffinity(0)))))
+
+
 def generate_rows(args, prompts: list, lams: list) -> dict[str, list[dict]]:
     """{json.dumps(lam): one row per prompt} for `aligndial generate --engine vllm`: every
     (prompt, λ) is one request of a single batch, so the rows decode together, each at its own λ."""
     os.environ.setdefault("VLLM_LOGGING_STREAM", "ext://sys.stderr")  # stdout carries only the rows (`--json`)
+    offline_on_cpu()
     from vllm import LLM
 
     from aligndial.generation import render_prompts
