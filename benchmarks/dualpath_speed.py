@@ -4,6 +4,7 @@
 
 Goals (issue 3): mixed λ ≥ 0.80 in fp32 and ≥ 0.90 in bf16 (two sequential passes reach about
 0.50; the ceiling measured on this CPU is about 0.84 / 0.92); peak memory ≤ 1.15× plain.
+The `merged` row measures that ceiling side by side: λ=1 as a plain model with one more layer.
 Memory is measured in fresh subprocesses (peak RSS of the generation, minus the RSS after
 imports, so the interpreter and libraries do not dilute the ratio).
 """
@@ -16,19 +17,34 @@ import sys
 
 import torch
 
-from aligndial.adapter import decoder_layers, insert_adapter
+from aligndial.adapter import decoder_layers, insert_adapter, merge_adapter
 from aligndial.dualpath import DualPathModel
-from common import lam_speed_rows, llama_50m, prompt_ids, table
+from common import compare_speed, lam_speed_rows, llama_50m, prompt_ids, table
 
 
-def adapted(dtype):
+def with_adapter(dtype):
     model = llama_50m(0, dtype)
     insert_adapter(model)
     g = torch.Generator().manual_seed(1)
     with torch.no_grad():  # a trained-looking (non-identity) adapter
         for p in decoder_layers(model)[0].parameters():
             p.add_(torch.randn(p.shape, generator=g).to(dtype) * 0.02)
-    return DualPathModel(model).eval()
+    return model
+
+
+def adapted(dtype):
+    return DualPathModel(with_adapter(dtype)).eval()
+
+
+def merged_row(plain, dtype, ids, rounds) -> dict:
+    """The ceiling: the merged model (λ=1 as plain transformers with L+1 layers) ÷ plain. The
+    dual path at mixed λ runs this much plus a second row through the shared layers."""
+    merged = merge_adapter(with_adapter(dtype))
+    base, tps, ratio = compare_speed(plain.generate, merged.generate, ids, rounds)
+    row = {"dtype": str(dtype).removeprefix("torch."), "lam": "merged", "plain_tok_s": round(base, 1),
+           "mixed_tok_s": round(tps, 1), "ratio": round(ratio, 3)}
+    print("measured", row, file=sys.stderr, flush=True)
+    return row
 
 
 def peak_memory(kind: str) -> float:
@@ -62,7 +78,9 @@ def main():
     ids = prompt_ids()
     rows = []
     for dtype in (torch.float32, torch.bfloat16):
-        rows += lam_speed_rows(llama_50m(0, dtype), adapted(dtype), ids, dtype, repeats=args.rounds)
+        plain = llama_50m(0, dtype)
+        rows += lam_speed_rows(plain, adapted(dtype), ids, dtype, repeats=args.rounds)
+        rows.append(merged_row(plain, dtype, ids, args.rounds))
     plain_mib, dual_mib = peak_memory("plain"), peak_memory("dual")
     memory = {"plain_mib": round(plain_mib, 1), "dual_mib": round(dual_mib, 1), "ratio": round(dual_mib / plain_mib, 3)}
     if args.json:

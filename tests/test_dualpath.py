@@ -86,6 +86,23 @@ def test_one_forward_of_2b_rows_and_fast_paths(tok):
         assert seen == {"adapter": adapter_rows, "shared": shared_rows}, lam
 
 
+def test_few_row_linears_only_in_fp32_dual_forwards(tok, prompts):
+    """The fp32 few-row shortcut is installed by the first mixed-λ forward, never in bf16, and a
+    model cast to bf16 afterwards still runs (the shortcut steps aside for other dtypes)."""
+    enc = tok(prompts[:1], return_tensors="pt")
+    kw = dict(max_new_tokens=3, do_sample=False)
+    wrapped = lambda m: {"forward" in lin.__dict__ for lin in m._plain_linears}  # noqa: E731
+    fp32 = DualPathModel(perturbed("llama", tok))
+    fp32.generate(**enc, lam=1.0, **kw)
+    assert wrapped(fp32) == {False}
+    fp32.generate(**enc, lam=0.5, **kw)
+    assert wrapped(fp32) == {True}
+    bf16 = DualPathModel(perturbed("llama", tok).to(torch.bfloat16))
+    bf16.generate(**enc, lam=0.5, **kw)
+    assert wrapped(bf16) == {False}
+    assert fp32.to(torch.bfloat16).generate(**enc, lam=0.5, **kw).shape == bf16.generate(**enc, lam=0.5, **kw).shape
+
+
 def test_hidden_mix_for_linear_heads_and_logit_mix_for_softcapping(tok):
     assert DualPathModel(perturbed("llama", tok)).mix_before_head
     gemma2 = perturbed("gemma2", tok)

@@ -95,6 +95,8 @@ def test_non_finite_lam_raises(bad):
         mixed_logps(logits(0), logits(1), bad)
     with pytest.raises(ValueError, match="finite"):
         mixed_logps(logits(0), logits(1), torch.tensor([0.5, bad, 1.0]))
+    with pytest.raises(ValueError, match="finite"):  # already in the canonical (B, 1) float32 form
+        mixed_logps(logits(0), logits(1), torch.tensor([[0.5], [bad], [1.0]]))
     with pytest.raises(ValueError, match="finite"):
         check_lam(str(bad))
 

@@ -39,6 +39,11 @@ def lam_weights(lam: LamLike, batch_size: int, n_aligned: int = 1) -> torch.Tens
     - a list or tuple: one λ_i per aligned model (length K), the same for every row;
     - a tensor: one row per batch element, shape (B,) for K = 1 or (B, K). A 0-d tensor is a number.
     """
+    if (
+        isinstance(lam, torch.Tensor) and lam.dtype == torch.float32 and lam.device.type == "cpu"
+        and tuple(lam.shape) == (batch_size, n_aligned) and all(map(math.isfinite, lam.reshape(-1).tolist()))
+    ):
+        return lam.detach().contiguous()  # already canonical: generate() hands it back every step
     if isinstance(lam, torch.Tensor):
         t = lam.detach().to("cpu", torch.float64)
         if t.ndim == 0:
