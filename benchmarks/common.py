@@ -51,15 +51,21 @@ def compare_speed(baseline, candidate, ids: torch.Tensor, repeats: int = 5) -> t
     return statistics.median(base), statistics.median(cand), statistics.median(c / b for b, c in pairs)
 
 
+def speed_row(label, baseline, candidate, ids: torch.Tensor, dtype, repeats: int = 5) -> dict:
+    """One table row: `candidate` tokens/s against `baseline` (generate-like callables), side by side."""
+    base, tps, ratio = compare_speed(baseline, candidate, ids, repeats)
+    row = {"dtype": str(dtype).removeprefix("torch."), "lam": label, "plain_tok_s": round(base, 1),
+           "mixed_tok_s": round(tps, 1), "ratio": round(ratio, 3)}
+    print("measured", row, file=sys.stderr, flush=True)  # partial results survive an interrupted run
+    return row
+
+
 def lam_speed_rows(plain, mixed, ids: torch.Tensor, dtype, lams=(0.5, 0.0, 1.0), repeats: int = 5) -> list[dict]:
     """One row per λ: `mixed.generate(lam=λ)` tokens/s against `plain.generate`, side by side."""
-    rows = []
-    for lam in lams:
-        base, tps, ratio = compare_speed(plain.generate, lambda x, lam=lam, **kw: mixed.generate(x, lam=lam, **kw), ids, repeats)
-        rows.append({"dtype": str(dtype).removeprefix("torch."), "lam": lam, "plain_tok_s": round(base, 1),
-                     "mixed_tok_s": round(tps, 1), "ratio": round(ratio, 3)})
-        print("measured", rows[-1], file=sys.stderr, flush=True)  # partial results survive an interrupted run
-    return rows
+    return [
+        speed_row(lam, plain.generate, lambda x, lam=lam, **kw: mixed.generate(x, lam=lam, **kw), ids, dtype, repeats)
+        for lam in lams
+    ]
 
 
 def table(rows: list[tuple], header: tuple) -> str:

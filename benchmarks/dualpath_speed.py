@@ -20,7 +20,7 @@ import torch
 
 from aligndial.adapter import decoder_layers, insert_adapter, merge_adapter
 from aligndial.dualpath import DualPathModel
-from common import compare_speed, lam_speed_rows, llama_50m, prompt_ids, table
+from common import lam_speed_rows, llama_50m, prompt_ids, speed_row, table
 
 
 def with_adapter(dtype):
@@ -46,14 +46,11 @@ def ceiling_rows(plain, dtype, ids, rounds) -> list[dict]:
 
     The dual path at mixed λ runs the first plus a second row through the shared layers."""
     merged = merge_adapter(with_adapter(dtype))
-    candidates = {"merged": merged.generate, "plain, 2 rows": lambda x, **kw: plain.generate(torch.cat([x, x]), **kw)}
-    rows = []
-    for name, generate in candidates.items():
-        base, tps, ratio = compare_speed(plain.generate, generate, ids, rounds)
-        rows.append({"dtype": str(dtype).removeprefix("torch."), "lam": name, "plain_tok_s": round(base, 1),
-                     "mixed_tok_s": round(tps, 1), "ratio": round(ratio, 3)})
-        print("measured", rows[-1], file=sys.stderr, flush=True)
-    return rows
+    two_rows = lambda x, **kw: plain.generate(torch.cat([x, x]), **kw)  # noqa: E731
+    return [
+        speed_row("merged", plain.generate, merged.generate, ids, dtype, rounds),
+        speed_row("plain, 2 rows", plain.generate, two_rows, ids, dtype, rounds),
+    ]
 
 
 def peak_memory(kind: str) -> float:
