@@ -86,10 +86,11 @@ def test_one_forward_of_2b_rows_and_fast_paths(tok):
         assert seen == {"adapter": adapter_rows, "shared": shared_rows}, lam
 
 
-def test_few_row_linears_only_in_fp32_dual_forwards(tok, prompts):
-    """The fp32 few-row shortcut is installed by the first mixed-λ forward and never in bf16; a
-    model cast to bf16 after installing it computes exactly what a bf16 model that never had it
-    computes (same weights: `perturbed` is seeded)."""
+def test_few_row_linears_only_in_mixed_dual_forwards(tok, prompts, monkeypatch):
+    """The few-row shortcut is installed by the first mixed-λ forward, in bf16 only where our
+    kernel applies; a model cast to bf16 after installing it (fp32) computes exactly what a bf16
+    model that never had it computes (same weights: `perturbed` is seeded)."""
+    monkeypatch.setenv("ALIGNDIAL_KERNELS", "0")
     enc = tok(prompts[:1], return_tensors="pt")
     kw = dict(max_new_tokens=3, do_sample=False)
     wrapped = lambda m: {"forward" in lin.__dict__ for lin in m._plain_linears}  # noqa: E731
@@ -103,6 +104,45 @@ def test_few_row_linears_only_in_fp32_dual_forwards(tok, prompts):
     assert wrapped(bf16) == {False}
     with torch.no_grad():
         assert torch.equal(fp32.to(torch.bfloat16)(enc["input_ids"], lam=0.5).logits, bf16(enc["input_ids"], lam=0.5).logits)
+
+
+def test_bf16_few_row_kernel_matches_float64():
+    """Our bf16 kernel (built here on any x86 CPU with AVX2, even where the dual path would not
+    use it) is x·Wᵀ accumulated in float32 and rounded once: within one bf16 rounding of the
+    float64 product, for 1-4 rows and widths that are not a multiple of the vector width."""
+    from aligndial.kernels import _build
+
+    kernel = _build()
+    assert kernel is not None
+    g = torch.Generator().manual_seed(0)
+    for rows, out, inp in [(1, 64, 32), (2, 130, 77), (3, 7, 200), (4, 33, 8)]:
+        x = torch.randn(rows, inp, generator=g).to(torch.bfloat16)
+        w = torch.randn(out, inp, generator=g).to(torch.bfloat16)
+        got = kernel(x, w)
+        exact = x.double() @ w.double().T
+        assert got.dtype == torch.bfloat16 and got.shape == (rows, out)
+        # float32 accumulation error is far below bf16's half-ulp (2^-9 relative) rounding.
+        torch.testing.assert_close(got.double(), exact, rtol=2**-8, atol=1e-3)
+        torch.testing.assert_close(got, exact.to(torch.bfloat16), rtol=2**-7, atol=2e-3)
+    with pytest.raises(RuntimeError, match="1 to 4 rows"):
+        kernel(torch.zeros(5, 8, dtype=torch.bfloat16), torch.zeros(3, 8, dtype=torch.bfloat16))
+
+
+def test_bf16_dual_path_with_kernel_matches_stock(tok, prompts, monkeypatch):
+    """Where the kernel applies (no native bf16), the bf16 dual path installs it and its mixed
+    logits agree with torch's GEMM to bf16 precision; elsewhere nothing is installed."""
+    from aligndial.kernels import few_rows_bf16
+
+    enc = tok(prompts[:1], return_tensors="pt")
+    with_kernel = DualPathModel(perturbed("llama", tok).to(torch.bfloat16))
+    monkeypatch.setenv("ALIGNDIAL_KERNELS", "0")
+    stock = DualPathModel(perturbed("llama", tok).to(torch.bfloat16))
+    with torch.no_grad():
+        expected = stock(enc["input_ids"], lam=0.5).logits
+        monkeypatch.setenv("ALIGNDIAL_KERNELS", "1")
+        got = with_kernel(enc["input_ids"], lam=0.5).logits
+    assert with_kernel._few_rows_installed == (few_rows_bf16() is not None)
+    torch.testing.assert_close(got, expected, rtol=0.05, atol=0.05)
 
 
 def test_hidden_mix_for_linear_heads_and_logit_mix_for_softcapping(tok):

@@ -22,6 +22,7 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from aligndial.adapter import decoder_layers, load_adapter
 from aligndial.generation import MixedLM
+from aligndial.kernels import MAX_ROWS, few_rows_bf16
 from aligndial.mixing import LamLike, mix_hidden, mix_logits
 
 # Decoder layers that return (hidden_states, attn_weights) instead of a tensor (transformers 5.x).
@@ -63,22 +64,33 @@ def _routed(layer_forward, router: _Router, returns_tuple: bool):
     return forward
 
 
-# fp32 on CPU: a decode step of the dual path multiplies each weight by 2B rows. For a few rows,
-# the stock GEMM (F.linear) took 1.5-2x its one-row product here (it appears to pack the weight
-# matrix on every call), most of the gap to the plain model; W @ xᵀ measured about as fast as
-# the plain model's step (benchmarks/dualpath_speed.py: 0.775 -> 0.949). Used only in the dual forward (the λ=0 / λ=1
-# fast paths stay stock, so they remain bit-exact with plain transformers).
+# A decode step of the dual path multiplies each shared weight by 2B rows. On CPU, for a few
+# rows, stock F.linear pays nearly once per row:
+# - fp32: MKL's small-M GEMM took 1.5-2x its one-row product (it appears to pack the weight on
+#   every call); W @ xᵀ with a row-contiguous x (a column-major xᵀ; the row-major layout was 3x
+#   slower on AMD Zen 3) costs about one row's product (benchmarks/dualpath_speed.py);
+# - bf16 without native bf16 (see aligndial.kernels): our kernel widens each weight once for all rows.
+# Used only in the dual forward: the λ=0 / λ=1 fast paths stay stock, so they remain bit-exact
+# with plain transformers.
 SMALL_ROWS = 8
 
 
-def _few_rows_linear(linear: torch.nn.Linear, router: _Router):
+def _few_rows_linear(linear: torch.nn.Linear, router: _Router, bf16_kernel):
     forward = linear.forward
 
     def few_rows_forward(x):
         rows = x.numel() // x.shape[-1]
-        if router.mode != "dual" or rows > SMALL_ROWS or x.dtype != torch.float32 or x.device.type != "cpu":
+        w = linear.weight
+        if router.mode != "dual" or rows > SMALL_ROWS or x.device.type != "cpu" or x.dtype != w.dtype:
             return forward(x)
-        y = (linear.weight @ x.reshape(rows, -1).T).T.reshape(*x.shape[:-1], linear.out_features)
+        x2 = x.reshape(rows, -1).contiguous()
+        if x.dtype == torch.float32:
+            y = (w @ x2.T).T
+        elif x.dtype == torch.bfloat16 and bf16_kernel is not None and rows <= MAX_ROWS and w.is_contiguous():
+            y = bf16_kernel(x2, w)
+        else:
+            return forward(x)
+        y = y.reshape(*x.shape[:-1], linear.out_features)
         return y if linear.bias is None else y + linear.bias
 
     return few_rows_forward
@@ -130,8 +142,9 @@ class DualPathModel(MixedLM):
             if "forward" not in layer.__dict__:  # route once, even if wrapped twice
                 layer.forward = _routed(layer.forward, self._router, returns_tuple)
         # Exactly nn.Linear: subclasses (our LoRALinear) add terms the few-row shortcut would drop.
-        # The shortcut is installed at the first fp32 dual forward, so a bf16 model never pays for
-        # the wrapper calls (~2 µs each, 60+ per decode step).
+        # The shortcut is installed at the first dual forward that can use it (fp32, or bf16 where
+        # our kernel applies), so other models never pay for the wrapper calls (~2 µs each, 60+
+        # per decode step), and the bf16 kernel is built only when first needed.
         self._plain_linears = [m for m in decoder_layers(model).modules() if type(m) is torch.nn.Linear]
         self._few_rows_installed = False
         # Mixing hidden states before the head is exact only for a plain linear head.
@@ -141,11 +154,14 @@ class DualPathModel(MixedLM):
 
     def _install_few_rows(self) -> None:
         weight = self._plain_linears[0].weight if self._plain_linears else None
-        if weight is None or weight.dtype != torch.float32 or weight.device.type != "cpu":
+        if weight is None or weight.device.type != "cpu":
+            return
+        kernel = few_rows_bf16() if weight.dtype == torch.bfloat16 else None
+        if not (weight.dtype == torch.float32 or kernel is not None):
             return
         for module in self._plain_linears:
             if "forward" not in module.__dict__:
-                module.forward = _few_rows_linear(module, self._router)
+                module.forward = _few_rows_linear(module, self._router, kernel)
         self._few_rows_installed = True
 
     @classmethod
