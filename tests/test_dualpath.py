@@ -3,12 +3,14 @@ model, other λ match a float64 step-by-step reference, and both paths share one
 
 import copy
 import threading
+import time
 
 import pytest
 import torch
 from transformers import AutoModelForCausalLM, TextIteratorStreamer
 
 from aligndial.adapter import decoder_layers, insert_adapter, merge_adapter, save_adapter
+from aligndial import dualpath
 from aligndial.dualpath import DualPathModel
 from aligndial.tiny import build_model, save
 from reference import float64_greedy
@@ -87,23 +89,47 @@ def test_one_forward_of_2b_rows_and_fast_paths(tok):
 
 
 def test_few_row_linears_only_in_mixed_dual_forwards(tok, prompts, monkeypatch):
-    """The few-row shortcut is installed by the first mixed-λ forward, in bf16 only where our
-    kernel applies; a model cast to bf16 after installing it (fp32) computes exactly what a bf16
-    model that never had it computes (same weights: `perturbed` is seeded)."""
+    """The few-row shortcut is decided by the first mixed-λ forward and installed only where
+    `_beats_stock` says it wins on this CPU (forced both ways here; in bf16 only where our kernel
+    applies). A model cast to bf16 after installing it (fp32) computes exactly what a bf16 model
+    that never had it computes (same weights: `perturbed` is seeded)."""
     monkeypatch.setenv("ALIGNDIAL_KERNELS", "0")
     enc = tok(prompts[:1], return_tensors="pt")
     kw = dict(max_new_tokens=3, do_sample=False)
     wrapped = lambda m: {"forward" in lin.__dict__ for lin in m._plain_linears}  # noqa: E731
+    monkeypatch.setattr(dualpath, "_beats_stock", lambda *a, **k: False)
+    loses = DualPathModel(perturbed("llama", tok))
+    loses.generate(**enc, lam=0.5, **kw)
+    assert loses._few_rows_decided and wrapped(loses) == {False}
+    monkeypatch.setattr(dualpath, "_beats_stock", lambda *a, **k: True)
     fp32 = DualPathModel(perturbed("llama", tok))
     fp32.generate(**enc, lam=1.0, **kw)
-    assert wrapped(fp32) == {False}
+    assert not fp32._few_rows_decided and wrapped(fp32) == {False}
     fp32.generate(**enc, lam=0.5, **kw)
     assert wrapped(fp32) == {True}
+    with torch.no_grad():  # the shortcut computes what stock computes, to float32 rounding
+        torch.testing.assert_close(fp32(enc["input_ids"], lam=0.5).logits, loses(enc["input_ids"], lam=0.5).logits)
     bf16 = DualPathModel(perturbed("llama", tok).to(torch.bfloat16))
     bf16.generate(**enc, lam=0.5, **kw)
     assert wrapped(bf16) == {False}
     with torch.no_grad():
         assert torch.equal(fp32.to(torch.bfloat16)(enc["input_ids"], lam=0.5).logits, bf16(enc["input_ids"], lam=0.5).logits)
+
+
+def test_beats_stock_times_the_candidate_against_f_linear():
+    """The decision is a measurement: a product far slower than F.linear loses, one that does
+    no work wins, and only about `budget_bytes` of the weights are timed."""
+    weights = [torch.randn(64, 32) for _ in range(4)]
+
+    def slow(x, w):
+        time.sleep(0.002)
+        return x @ w.T
+
+    assert dualpath._beats_stock(slow, weights, rows=2) is False
+    assert dualpath._beats_stock(lambda x, w: x, weights, rows=2) is True
+    seen = []
+    dualpath._beats_stock(lambda x, w: seen.append(w) or x, weights, rows=2, budget_bytes=1)
+    assert len(seen) == 3  # one weight, three passes
 
 
 def test_bf16_few_row_kernel_matches_float64():
@@ -134,6 +160,7 @@ def test_bf16_dual_path_with_kernel_matches_stock(tok, prompts, monkeypatch):
     from aligndial.kernels import few_rows_bf16
 
     enc = tok(prompts[:1], return_tensors="pt")
+    monkeypatch.setattr(dualpath, "_beats_stock", lambda *a, **k: True)  # the kernel's numbers, whatever its speed here
     with_kernel = DualPathModel(perturbed("llama", tok).to(torch.bfloat16))
     monkeypatch.setenv("ALIGNDIAL_KERNELS", "0")
     stock = DualPathModel(perturbed("llama", tok).to(torch.bfloat16))
@@ -141,7 +168,8 @@ def test_bf16_dual_path_with_kernel_matches_stock(tok, prompts, monkeypatch):
         expected = stock(enc["input_ids"], lam=0.5).logits
         monkeypatch.setenv("ALIGNDIAL_KERNELS", "1")
         got = with_kernel(enc["input_ids"], lam=0.5).logits
-    assert with_kernel._few_rows_installed == (few_rows_bf16() is not None)
+    assert with_kernel._few_rows_decided
+    assert {"forward" in lin.__dict__ for lin in with_kernel._plain_linears} == {few_rows_bf16() is not None}
     torch.testing.assert_close(got, expected, rtol=0.05, atol=0.05)
 
 

@@ -218,3 +218,28 @@ def test_mix_weights(seed, lam):
     expected = ref.double() + lam * (aligned.double() - ref.double())
     assert torch.allclose(mix_weights(ref, [aligned], [lam]).double(), expected, atol=1e-4 * max(1, abs(lam)))
     assert math.isfinite(mix_weights(ref, [aligned], [lam]).sum().item())
+
+
+@settings(max_examples=40, deadline=None)
+@given(seeds, lams, st.sampled_from([torch.float32, torch.bfloat16]))
+def test_mix_hidden_matches_float64_formula(seed, lam, dtype):
+    """mix_hidden is (1 − λ)·x_ref + λ·x_aligned per row, computed in float32 and cast back."""
+    ref, aligned = logits(seed, (2, 3, 8), dtype, scale=1.0), logits(seed + 1, (2, 3, 8), dtype, scale=1.0)
+    expected = (1 - lam) * ref.double() + lam * aligned.double()
+    got = mix_hidden(ref, aligned, lam)
+    assert got.dtype == dtype
+    tol = (1e-6 if dtype == torch.float32 else 2**-8) * (1 + abs(lam)) * 4
+    torch.testing.assert_close(got.double(), expected, rtol=tol, atol=tol)
+    # per-row λ: each row as if alone
+    per_row = mix_hidden(ref, aligned, torch.tensor([lam, 0.0]))
+    assert torch.equal(per_row[0], got[0]) and torch.equal(per_row[1], ref[1])
+
+
+def test_mix_hidden_non_finite_raises():
+    ref, aligned = logits(0, (2, 3, 8)), logits(1, (2, 3, 8))
+    aligned[1, 2, 3] = float("nan")
+    with pytest.raises(ValueError, match="aligned_hidden contains NaN"):
+        mix_hidden(ref, aligned, 0.5)
+    big = torch.full((1, 1, 4), 60000.0, dtype=torch.float16)
+    with pytest.raises(ValueError, match="overflow torch.float16 at lam up to 3"):
+        mix_hidden(torch.zeros_like(big), big, 3.0)

@@ -16,7 +16,11 @@ Both mixes go through `aligndial.mixing`. Fast paths: λ=0 in every row skips th
 
 from __future__ import annotations
 
+import time
+from collections.abc import Callable
+
 import torch
+import torch.nn.functional as F
 from transformers import DynamicCache
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
@@ -64,33 +68,61 @@ def _routed(layer_forward, router: _Router, returns_tuple: bool):
     return forward
 
 
-# A decode step of the dual path multiplies each shared weight by 2B rows. On CPU, for a few
-# rows, stock F.linear pays nearly once per row:
-# - fp32: MKL's small-M GEMM took 1.5-2x its one-row product (it appears to pack the weight on
-#   every call); W @ xᵀ with a row-contiguous x (a column-major xᵀ; the row-major layout was 3x
-#   slower on AMD Zen 3) costs about one row's product (benchmarks/dualpath_speed.py);
+# A decode step of the dual path multiplies each shared weight by 2B rows. On some CPUs stock
+# F.linear pays nearly once per row for a few rows, and another form is much cheaper:
+# - fp32 on an AMD Zen 3: MKL's small-M GEMM took 1.5-2x its one-row product; W @ xᵀ with a
+#   row-contiguous x cost about one row's (8 layers, 2 rows: 3.3 ms against 9.2 ms);
 # - bf16 without native bf16 (see aligndial.kernels): our kernel widens each weight once for all rows.
-# Used only in the dual forward: the λ=0 / λ=1 fast paths stay stock, so they remain bit-exact
-# with plain transformers.
+# On other CPUs the same forms lose: on an Intel Sapphire Rapids, fp32 W @ xᵀ at 2 rows took
+# 10.1 ms against stock's 4.2 ms, and λ=0.5 decoding fell to 0.56 of the plain model. So the first
+# mixed-λ forward times both on the model's own weights and installs the shortcut only where it
+# wins (`_beats_stock`). Used only in the dual forward: the λ=0 / λ=1 fast paths stay stock, so
+# they remain bit-exact with plain transformers.
 SMALL_ROWS = 8
 
 
-def _few_rows_linear(linear: torch.nn.Linear, router: _Router, bf16_kernel):
+def _few_rows_product(dtype: torch.dtype) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None:
+    """The candidate `f(x, w) -> x @ w.T` for contiguous x of a few rows, or None."""
+    if dtype == torch.float32:
+        return lambda x, w: (w @ x.T).T
+    return few_rows_bf16() if dtype == torch.bfloat16 else None
+
+
+def _beats_stock(product, weights: list[torch.Tensor], rows: int, budget_bytes: int = 64 << 20) -> bool:
+    """Whether `product` multiplies `rows` rows by these weights (up to `budget_bytes` of them,
+    so that they stream from memory as in decoding) at least 10% faster than stock F.linear.
+    Best of 3 alternating passes; a few tens of ms, once per model."""
+    chosen, total = [], 0
+    for w in weights:
+        if total >= budget_bytes:
+            break
+        chosen.append(w)
+        total += w.numel() * w.element_size()
+    xs = {w.shape[1]: torch.randn(rows, w.shape[1], dtype=w.dtype) for w in chosen}
+
+    def seconds(f) -> float:
+        start = time.perf_counter()
+        for w in chosen:
+            f(xs[w.shape[1]], w)
+        return time.perf_counter() - start
+
+    with torch.no_grad():
+        stock, candidate = zip(*[(seconds(F.linear), seconds(product)) for _ in range(3)])
+    return min(candidate) < 0.9 * min(stock)
+
+
+def _few_rows_linear(linear: torch.nn.Linear, router: _Router, product, dtype: torch.dtype):
     forward = linear.forward
+    max_rows = MAX_ROWS if dtype == torch.bfloat16 else SMALL_ROWS  # our bf16 kernel takes up to MAX_ROWS
 
     def few_rows_forward(x):
         rows = x.numel() // x.shape[-1]
         w = linear.weight
-        if router.mode != "dual" or rows > SMALL_ROWS or x.device.type != "cpu" or x.dtype != w.dtype:
+        # A model cast to another dtype after installing steps aside to stock F.linear.
+        if (router.mode != "dual" or rows > max_rows or x.device.type != "cpu" or x.dtype != dtype
+                or w.dtype != dtype or not w.is_contiguous()):
             return forward(x)
-        x2 = x.reshape(rows, -1).contiguous()
-        if x.dtype == torch.float32:
-            y = (w @ x2.T).T
-        elif x.dtype == torch.bfloat16 and bf16_kernel is not None and rows <= MAX_ROWS and w.is_contiguous():
-            y = bf16_kernel(x2, w)
-        else:
-            return forward(x)
-        y = y.reshape(*x.shape[:-1], linear.out_features)
+        y = product(x.reshape(rows, -1).contiguous(), w).reshape(*x.shape[:-1], linear.out_features)
         return y if linear.bias is None else y + linear.bias
 
     return few_rows_forward
@@ -142,27 +174,30 @@ class DualPathModel(MixedLM):
             if "forward" not in layer.__dict__:  # route once, even if wrapped twice
                 layer.forward = _routed(layer.forward, self._router, returns_tuple)
         # Exactly nn.Linear: subclasses (our LoRALinear) add terms the few-row shortcut would drop.
-        # The shortcut is installed at the first dual forward that can use it (fp32, or bf16 where
-        # our kernel applies), so other models never pay for the wrapper calls (~2 µs each, 60+
-        # per decode step), and the bf16 kernel is built only when first needed.
+        # The shortcut is decided at the first mixed-λ forward (fp32, or bf16 where our kernel
+        # applies, and only if it beats stock on this CPU), so other models never pay for the
+        # wrapper calls (~2 µs each, 60+ per decode step), and the bf16 kernel is built only when
+        # first needed.
         self._plain_linears = [m for m in decoder_layers(model).modules() if type(m) is torch.nn.Linear]
-        self._few_rows_installed = False
+        self._few_rows_decided = False
         # Mixing hidden states before the head is exact only for a plain linear head.
         self.mix_before_head = getattr(model.config, "final_logit_softcapping", None) is None and isinstance(
             model.get_output_embeddings(), torch.nn.Linear
         )
 
-    def _install_few_rows(self) -> None:
+    def _install_few_rows(self, rows: int) -> None:
+        """Decide once, at the first mixed-λ forward (2B = `rows` rows), whether the shared
+        linears use the few-row product; install it only where it beats stock here."""
+        self._few_rows_decided = True  # decided, whichever way
         weight = self._plain_linears[0].weight if self._plain_linears else None
-        if weight is None or weight.device.type != "cpu":
+        if weight is None or weight.device.type != "cpu" or rows > SMALL_ROWS:
             return
-        kernel = few_rows_bf16() if weight.dtype == torch.bfloat16 else None
-        if not (weight.dtype == torch.float32 or kernel is not None):
+        product = _few_rows_product(weight.dtype)
+        if product is None or not _beats_stock(product, [m.weight for m in self._plain_linears], rows):
             return
         for module in self._plain_linears:
             if "forward" not in module.__dict__:
-                module.forward = _few_rows_linear(module, self._router, kernel)
-        self._few_rows_installed = True
+                module.forward = _few_rows_linear(module, self._router, product, weight.dtype)
 
     @classmethod
     def from_adapter(cls, model, adapter_dir: str, allow_pickle: bool = False) -> "DualPathModel":
@@ -198,8 +233,9 @@ class DualPathModel(MixedLM):
             past_key_values = self.new_cache()
         inputs = dict(attention_mask=attention_mask, position_ids=position_ids, past_key_values=past_key_values,
                       use_cache=use_cache, **kwargs)
-        if not run_all and ((lam == 0).all() or (lam == 1).all()):
-            self._router.mode = "skip" if (lam == 0).all() else "all"
+        values = lam.view(-1).tolist()  # (B,) on the CPU: cheaper than tensor comparisons in a decode step
+        if not run_all and (set(values) == {0.0} or set(values) == {1.0}):
+            self._router.mode = "skip" if values[0] == 0 else "all"
             try:
                 out = self.base(input_ids=input_ids, logits_to_keep=logits_to_keep, **inputs)
             finally:
@@ -207,15 +243,15 @@ class DualPathModel(MixedLM):
             return CausalLMOutputWithPast(logits=out.logits, past_key_values=past_key_values)
 
         doubled = {k: torch.cat([v, v]) if isinstance(v, torch.Tensor) and v.shape[0] == b else v for k, v in inputs.items()}
-        if not self._few_rows_installed:
-            self._install_few_rows()
+        if not self._few_rows_decided:
+            self._install_few_rows(2 * b)
         self._router.mode, self._router.batch = "dual", b
         try:
             if self.mix_before_head:
                 hidden = self.base.base_model(input_ids=torch.cat([input_ids, input_ids]), **doubled).last_hidden_state
                 if logits_to_keep:
                     hidden = hidden[:, -logits_to_keep:]
-                logits = self.base.get_output_embeddings()(mix_hidden(hidden[:b], hidden[b:], lam.to(hidden.device)))
+                logits = self.base.get_output_embeddings()(mix_hidden(hidden[:b], hidden[b:], lam))
             else:
                 both = self.base(input_ids=torch.cat([input_ids, input_ids]), logits_to_keep=logits_to_keep, **doubled).logits
                 logits = mix_logits(both[:b], both[b:], lam.to(both.device))

