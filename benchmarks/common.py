@@ -72,3 +72,53 @@ def table(rows: list[tuple], header: tuple) -> str:
     widths = [max(len(str(x)) for x in col) for col in zip(header, *rows)]
     fmt = "  ".join(f"{{:<{w}}}" for w in widths)
     return "\n".join([fmt.format(*header), *(fmt.format(*map(str, r)) for r in rows)])
+
+
+class Decoder:
+    """One side of `interleaved_steps`: a model decoding `rows` copies of the prompt one forward
+    at a time with its own cache (greedy). `kw` goes to every forward (e.g. `lam`)."""
+
+    def __init__(self, model, rows: int = 1, **kw):
+        self.model, self.rows, self.kw = model, rows, kw
+
+    def reset(self, ids: torch.Tensor):
+        from transformers import DynamicCache
+
+        x = ids.repeat(self.rows, 1)
+        self.cache = self.model.new_cache() if hasattr(self.model, "new_cache") else DynamicCache(config=self.model.config)
+        out = self.model(input_ids=x, past_key_values=self.cache, use_cache=True, **self.kw)
+        self.next, self.length = out.logits[:, -1:].argmax(-1), x.shape[1]
+
+    def step(self) -> float:
+        """Seconds for one decode forward, with the attention mask and positions generate() passes."""
+        mask = torch.ones(self.rows, self.length + 1, dtype=torch.long)
+        positions = torch.full((self.rows, 1), self.length)
+        start = time.perf_counter()
+        out = self.model(input_ids=self.next, attention_mask=mask, position_ids=positions, past_key_values=self.cache,
+                         use_cache=True, logits_to_keep=1, **self.kw)
+        elapsed = time.perf_counter() - start
+        self.next, self.length = out.logits[:, -1:].argmax(-1), self.length + 1
+        return elapsed
+
+
+def interleaved_steps(sides: dict[str, Decoder], ids: torch.Tensor, rounds: int = 5, seed: int = 0) -> dict[str, float]:
+    """Median seconds per decode step of each side, NEW_TOKENS steps per round, the sides taking
+    turns at every step in a fresh random order (and resetting in a random order), so that
+    machine noise and the order effects we saw (up to 5% for whichever side ran first) hit every
+    side alike. Whole-generation alternation (`compare_speed`) moved ±5% between rounds here."""
+    import random
+
+    rng, times = random.Random(seed), {name: [] for name in sides}
+    with torch.no_grad():
+        for r in range(rounds + 1):  # round 0 warms up
+            order = list(sides.items())
+            rng.shuffle(order)
+            for _, side in order:
+                side.reset(ids)
+            for _ in range(NEW_TOKENS):
+                rng.shuffle(order)
+                for name, side in order:
+                    elapsed = side.step()
+                    if r:
+                        times[name].append(elapsed)
+    return {name: statistics.median(t) for name, t in times.items()}

@@ -5,7 +5,10 @@
 Goals (issue 3): mixed λ ≥ 0.80 in fp32 and ≥ 0.90 in bf16 (two sequential passes reach about
 0.50; the ceiling measured on this CPU is about 0.84 / 0.92); peak memory ≤ 1.15× plain.
 The `merged` and `plain, 2 rows` rows measure what bounds the mixed-λ ratio (see `ceiling_rows`);
-every tok/s column counts steps of one sequence.
+every tok/s column counts steps of one sequence. The second table measures the same per decode
+forward with the sides taking turns at every step, which is far less noisy than alternating
+whole generations (those rounds moved ±5% here); `generate` adds the same ~1.3 ms of Python
+per step to both sides, which the per-step table leaves out.
 Memory is measured in fresh subprocesses (peak RSS of the generation, minus the RSS after
 imports, so the interpreter and libraries do not dilute the ratio).
 """
@@ -20,7 +23,7 @@ import torch
 
 from aligndial.adapter import decoder_layers, insert_adapter, merge_adapter
 from aligndial.dualpath import DualPathModel
-from common import lam_speed_rows, llama_50m, prompt_ids, speed_row, table
+from common import Decoder, interleaved_steps, lam_speed_rows, llama_50m, prompt_ids, speed_row, table
 
 
 def with_adapter(dtype):
@@ -53,6 +56,25 @@ def ceiling_rows(plain, dtype, ids, rounds) -> list[dict]:
     ]
 
 
+def step_rows(dtype, ids, rounds) -> list[dict]:
+    """The same ratios per decode forward, every side taking turns at every step
+    (`common.interleaved_steps`): the precise measure of what the dual path costs per token.
+    Each side is its own model instance, so no side finds another's weights in cache."""
+    lam = lambda x: torch.tensor([[x]])  # noqa: E731
+    sides = {
+        "plain": Decoder(llama_50m(0, dtype)),
+        "plain, 2 rows": Decoder(llama_50m(0, dtype), rows=2),
+        "merged": Decoder(merge_adapter(with_adapter(dtype))),
+        **{x: Decoder(adapted(dtype), lam=lam(x)) for x in (0.5, 0.0, 1.0)},
+    }
+    step = interleaved_steps(sides, ids, rounds)
+    return [
+        {"dtype": str(dtype).removeprefix("torch."), "lam": name, "plain_tok_s": round(1 / step["plain"], 1),
+         "mixed_tok_s": round(1 / t, 1), "ratio": round(step["plain"] / t, 3)}
+        for name, t in step.items() if name != "plain"
+    ]
+
+
 def peak_memory(kind: str) -> float:
     """MiB of peak RSS above the post-import baseline, for one generation in a fresh process."""
     code = f"""
@@ -82,18 +104,22 @@ def main():
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     ids = prompt_ids()
-    rows = []
+    rows, steps = [], []
     for dtype in (torch.float32, torch.bfloat16):
+        steps += step_rows(dtype, ids, args.rounds)
+        print("measured per step", steps[-5:], file=sys.stderr, flush=True)
         plain = llama_50m(0, dtype)
         rows += lam_speed_rows(plain, adapted(dtype), ids, dtype, repeats=args.rounds)
         rows += ceiling_rows(plain, dtype, ids, args.rounds)
     plain_mib, dual_mib = peak_memory("plain"), peak_memory("dual")
     memory = {"plain_mib": round(plain_mib, 1), "dual_mib": round(dual_mib, 1), "ratio": round(dual_mib / plain_mib, 3)}
     if args.json:
-        print(json.dumps({"speed": rows, "memory_fp32": memory}))
+        print(json.dumps({"speed": rows, "speed_per_step": steps, "memory_fp32": memory}))
     else:
         print("Dual-path decode speed ÷ plain model (batch 1, 128 new tokens, median of alternating rounds)")
         print(table([tuple(r.values()) for r in rows], tuple(rows[0])))
+        print("\nPer decode step, the sides taking turns at every step (median step; tok/s = 1 / step)")
+        print(table([tuple(r.values()) for r in steps], tuple(steps[0])))
         print(f"\nPeak memory (fp32, λ=0.5): plain {memory['plain_mib']} MiB, dual path {memory['dual_mib']} MiB, ratio {memory['ratio']}")
 
 

@@ -70,8 +70,9 @@ def _routed(layer_forward, router: _Router, returns_tuple: bool):
 
 # A decode step of the dual path multiplies each shared weight by 2B rows. On some CPUs stock
 # F.linear pays nearly once per row for a few rows, and another form is much cheaper:
-# - fp32 on an AMD Zen 3: MKL's small-M GEMM took 1.5-2x its one-row product; W @ xᵀ with a
-#   row-contiguous x cost about one row's (8 layers, 2 rows: 3.3 ms against 9.2 ms);
+# - fp32 on the AMD EPYC machines we measured: MKL's small-M GEMM took 1.5-2x its one-row
+#   product; W @ xᵀ with a row-contiguous x cost about one row's (8 layers, 2 rows: 3.3 ms
+#   against 9.2 ms);
 # - bf16 without native bf16 (see aligndial.kernels): our kernel widens each weight once for all rows.
 # On other CPUs the same forms lose: on an Intel Sapphire Rapids, fp32 W @ xᵀ at 2 rows took
 # 10.1 ms against stock's 4.2 ms, and λ=0.5 decoding fell to 0.56 of the plain model. So the first
