@@ -101,24 +101,26 @@ class Decoder:
         return elapsed
 
 
-def interleaved_steps(sides: dict[str, Decoder], ids: torch.Tensor, rounds: int = 5, seed: int = 0) -> dict[str, float]:
-    """Median seconds per decode step of each side, NEW_TOKENS steps per round, the sides taking
-    turns at every step in a fresh random order (and resetting in a random order), so that
-    machine noise and the order effects we saw (up to 5% for whichever side ran first) hit every
-    side alike. Whole-generation alternation (`compare_speed`) moved ±5% between rounds here."""
+def interleaved_steps(sides: dict[str, list[Decoder]], ids: torch.Tensor, rounds: int = 5, seed: int = 0) -> dict[str, float]:
+    """Median seconds per decode step of each side, NEW_TOKENS steps per round, every instance
+    of every side taking its turn at every step in a fresh random order (and resetting in a
+    random order), so that machine noise hits every side alike. Each side has several model
+    instances built alike, because identical instances ran up to 5% apart here (which one
+    was set up first, or where its weights landed); the median is over all of them.
+    Whole-generation alternation (`compare_speed`) moved ±5% between rounds here."""
     import random
 
     rng, times = random.Random(seed), {name: [] for name in sides}
+    decoders = [(name, d) for name, instances in sides.items() for d in instances]
     with torch.no_grad():
         for r in range(rounds + 1):  # round 0 warms up
-            order = list(sides.items())
-            rng.shuffle(order)
-            for _, side in order:
-                side.reset(ids)
+            rng.shuffle(decoders)
+            for _, d in decoders:
+                d.reset(ids)
             for _ in range(NEW_TOKENS):
-                rng.shuffle(order)
-                for name, side in order:
-                    elapsed = side.step()
+                rng.shuffle(decoders)
+                for name, d in decoders:
+                    elapsed = d.step()
                     if r:
                         times[name].append(elapsed)
     return {name: statistics.median(t) for name, t in times.items()}

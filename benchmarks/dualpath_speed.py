@@ -56,18 +56,23 @@ def ceiling_rows(plain, dtype, ids, rounds) -> list[dict]:
     ]
 
 
-def step_rows(dtype, ids, rounds) -> list[dict]:
+def step_rows(dtype, ids, rounds, instances) -> list[dict]:
     """The same ratios per decode forward, every side taking turns at every step
-    (`common.interleaved_steps`): the precise measure of what the dual path costs per token.
-    Each side is its own model instance, so no side finds another's weights in cache."""
+    (`common.interleaved_steps`): the less noisy measure of what the dual path costs per token.
+    Each side has `instances` model instances of its own, so no side finds another's weights
+    in cache and no one instance's luck decides a ratio."""
     lam = lambda x: torch.tensor([[x]])  # noqa: E731
     sides = {
-        "plain": Decoder(llama_50m(0, dtype)),
-        "plain, 2 rows": Decoder(llama_50m(0, dtype), rows=2),
-        "merged": Decoder(merge_adapter(with_adapter(dtype))),
-        **{x: Decoder(adapted(dtype), lam=lam(x)) for x in (0.5, 0.0, 1.0)},
+        "plain": lambda: Decoder(llama_50m(0, dtype)),
+        "plain, 2 rows": lambda: Decoder(llama_50m(0, dtype), rows=2),
+        "merged": lambda: Decoder(merge_adapter(with_adapter(dtype))),
+        **{x: lambda x=x: Decoder(adapted(dtype), lam=lam(x)) for x in (0.5, 0.0, 1.0)},
     }
-    step = interleaved_steps(sides, ids, rounds)
+    built = {name: [] for name in sides}
+    for _ in range(instances):  # round-robin, so no side gets all the first-built (slower here) instances
+        for name, build in sides.items():
+            built[name].append(build())
+    step = interleaved_steps(built, ids, rounds)
     return [
         {"dtype": str(dtype).removeprefix("torch."), "lam": name, "plain_tok_s": round(1 / step["plain"], 1),
          "mixed_tok_s": round(1 / t, 1), "ratio": round(step["plain"] / t, 3)}
@@ -101,12 +106,13 @@ def main():
     parser.add_argument("--json", action="store_true")
     parser.add_argument("--threads", type=int, default=2, help="torch threads (1 gives steadier numbers on a busy machine)")
     parser.add_argument("--rounds", type=int, default=5, help="alternating rounds per ratio (median)")
+    parser.add_argument("--instances", type=int, default=3, help="model instances per side in the per-step table")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     ids = prompt_ids()
     rows, steps = [], []
     for dtype in (torch.float32, torch.bfloat16):
-        steps += step_rows(dtype, ids, args.rounds)
+        steps += step_rows(dtype, ids, args.rounds, args.instances)
         print("measured per step", steps[-5:], file=sys.stderr, flush=True)
         plain = llama_50m(0, dtype)
         rows += lam_speed_rows(plain, adapted(dtype), ids, dtype, repeats=args.rounds)
