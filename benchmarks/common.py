@@ -106,7 +106,7 @@ def interleaved_steps(sides: dict[str, list[Decoder]], ids: torch.Tensor, rounds
     of every side taking its turn at every step in a fresh random order (and resetting in a
     random order), so that machine noise hits every side alike. Each side has several model
     instances built alike, because identical instances ran up to 5% apart here (which one
-    was set up first, or where its weights landed); the median is over all of them.
+    was built or set up first; we did not pin down why); the median is over all of them.
     Whole-generation alternation (`compare_speed`) moved ±5% between rounds here."""
     import random
 
