@@ -132,6 +132,20 @@ def test_beats_stock_times_the_candidate_against_f_linear():
     assert len(seen) == 3  # one weight, three passes
 
 
+def test_seeded_sampling_is_the_same_on_a_models_first_call(tok, prompts):
+    """The first mixed-λ forward times the few-row product; that must not draw from the global
+    RNG, or the same seed would sample differently on a model's first call and its second."""
+    from transformers import set_seed
+
+    enc = tok(prompts[:2], return_tensors="pt", padding=True)
+    model = DualPathModel(perturbed("llama", tok)).eval()
+    calls = []
+    for _ in range(2):
+        set_seed(7)
+        calls.append(model.generate(**enc, lam=0.5, do_sample=True, max_new_tokens=12, min_new_tokens=12))
+    assert model._few_rows_decided and torch.equal(calls[0], calls[1])
+
+
 def test_bf16_few_row_kernel_matches_float64():
     """Our bf16 kernel (built here on any x86 CPU with AVX2, even where the dual path would not
     use it) is x·Wᵀ accumulated in float32 and rounded once: within one bf16 rounding of the
