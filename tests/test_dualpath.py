@@ -149,23 +149,26 @@ def test_seeded_sampling_is_the_same_on_a_models_first_call(tok, prompts):
 def test_bf16_few_row_kernel_matches_float64():
     """Our bf16 kernel (built here on any x86 CPU with AVX2, even where the dual path would not
     use it) is x·Wᵀ accumulated in float32 and rounded once: within one bf16 rounding of the
-    float64 product, for 1-4 rows and widths that are not a multiple of the vector width."""
+    float64 product, for 1-4 rows and widths that are not a multiple of the vector width. Both
+    loops: the AVX2 one always, and the AVX512-BF16 one where this CPU has it."""
     from aligndial.kernels import _build
 
-    kernel = _build()
-    assert kernel is not None
+    module = _build()
+    assert module is not None
+    loops = [module.few_rows_bf16_avx2] + ([module.few_rows_bf16] if module.has_avx512_bf16() else [])
     g = torch.Generator().manual_seed(0)
-    for rows, out, inp in [(1, 64, 32), (2, 130, 77), (3, 7, 200), (4, 33, 8)]:
-        x = torch.randn(rows, inp, generator=g).to(torch.bfloat16)
-        w = torch.randn(out, inp, generator=g).to(torch.bfloat16)
-        got = kernel(x, w)
-        exact = x.double() @ w.double().T
-        assert got.dtype == torch.bfloat16 and got.shape == (rows, out)
-        # float32 accumulation error is far below bf16's half-ulp (2^-9 relative) rounding.
-        torch.testing.assert_close(got.double(), exact, rtol=2**-8, atol=1e-3)
-        torch.testing.assert_close(got, exact.to(torch.bfloat16), rtol=2**-7, atol=2e-3)
-    with pytest.raises(RuntimeError, match="1 to 4 rows"):
-        kernel(torch.zeros(5, 8, dtype=torch.bfloat16), torch.zeros(3, 8, dtype=torch.bfloat16))
+    for kernel in loops:
+        for rows, out, inp in [(1, 64, 32), (2, 130, 77), (3, 7, 200), (4, 33, 8), (2, 1100, 1376)]:
+            x = torch.randn(rows, inp, generator=g).to(torch.bfloat16)
+            w = torch.randn(out, inp, generator=g).to(torch.bfloat16)
+            got = kernel(x, w)
+            exact = x.double() @ w.double().T
+            assert got.dtype == torch.bfloat16 and got.shape == (rows, out)
+            # float32 accumulation error is far below bf16's half-ulp (2^-9 relative) rounding.
+            torch.testing.assert_close(got.double(), exact, rtol=2**-8, atol=1e-3)
+            torch.testing.assert_close(got, exact.to(torch.bfloat16), rtol=2**-7, atol=2e-3)
+        with pytest.raises(RuntimeError, match="1 to 4 rows"):
+            kernel(torch.zeros(5, 8, dtype=torch.bfloat16), torch.zeros(3, 8, dtype=torch.bfloat16))
 
 
 def test_bf16_dual_path_with_kernel_matches_stock(tok, prompts, monkeypatch):

@@ -73,8 +73,10 @@ def _routed(layer_forward, router: _Router, returns_tuple: bool):
 # - fp32 on the AMD EPYC machines we measured: MKL's small-M GEMM took 1.5-2x its one-row
 #   product; W @ xᵀ with a row-contiguous x cost about one row's (8 layers, 2 rows: 3.3 ms
 #   against 9.2 ms);
-# - bf16 without native bf16 (see aligndial.kernels): our kernel widens each weight once for all rows.
-# On other CPUs the same forms lose: on an Intel Sapphire Rapids, fp32 W @ xᵀ at 2 rows took
+# - bf16 (see aligndial.kernels): without native bf16 our kernel widens each weight once for all
+#   rows; on an Intel Sapphire Rapids its AVX512-BF16 loop took 2.7 ms for 8 layers at 2 rows
+#   against oneDNN's 5.6 ms (which is no cheaper at 1 row).
+# On other CPUs the same forms lose: on that Sapphire Rapids, fp32 W @ xᵀ at 2 rows took
 # 10.1 ms against stock's 4.2 ms, and λ=0.5 decoding fell to 0.56 of the plain model. So the first
 # mixed-λ forward times both on the model's own weights and installs the shortcut only where it
 # wins (`_beats_stock`). Used only in the dual forward: the λ=0 / λ=1 fast paths stay stock, so
@@ -115,18 +117,20 @@ def _beats_stock(product, weights: list[torch.Tensor], rows: int, budget_bytes: 
 
 
 def _few_rows_linear(linear: torch.nn.Linear, router: _Router, product, dtype: torch.dtype):
-    forward = linear.forward
+    forward, params = linear.forward, linear._parameters
     max_rows = MAX_ROWS if dtype == torch.bfloat16 else SMALL_ROWS  # our bf16 kernel takes up to MAX_ROWS
+    max_numel, out_features = max_rows * linear.in_features, linear.out_features
 
+    # This runs ~60 times per decode step, and each µs here is ~0.5% of a step of the benchmark
+    # model: hence `params[...]` rather than nn.Module.__getattr__, and dtype checks by identity.
     def few_rows_forward(x):
-        rows = x.numel() // x.shape[-1]
-        w = linear.weight
-        # A model cast to another dtype after installing steps aside to stock F.linear.
-        if (router.mode != "dual" or rows > max_rows or x.device.type != "cpu" or x.dtype != dtype
-                or w.dtype != dtype or not w.is_contiguous()):
+        w = params["weight"]
+        # A model cast to another dtype or moved off the CPU after installing steps aside to stock F.linear.
+        if router.mode != "dual" or x.numel() > max_numel or x.dtype is not dtype or w.dtype is not dtype or not x.is_cpu:
             return forward(x)
-        y = product(x.reshape(rows, -1).contiguous(), w).reshape(*x.shape[:-1], linear.out_features)
-        return y if linear.bias is None else y + linear.bias
+        y = product(x.reshape(-1, x.shape[-1]).contiguous(), w).view(*x.shape[:-1], out_features)
+        bias = params["bias"]
+        return y if bias is None else y + bias
 
     return few_rows_forward
 
@@ -199,7 +203,7 @@ class DualPathModel(MixedLM):
         if product is None or not _beats_stock(product, [m.weight for m in self._plain_linears], rows):
             return
         for module in self._plain_linears:
-            if "forward" not in module.__dict__:
+            if "forward" not in module.__dict__ and module.weight.is_contiguous():
                 module.forward = _few_rows_linear(module, self._router, product, weight.dtype)
 
     @classmethod

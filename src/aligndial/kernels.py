@@ -1,10 +1,11 @@
-"""Our one compiled kernel: a bf16 product for a few rows, for CPUs without native bf16.
+"""Our one compiled kernel: a bf16 product for a few rows (the dual path's decode shape).
 
-The dual path multiplies every shared weight by 2B rows at each decode step. Where oneDNN has
-no native bf16 (x86 CPUs without AVX512-BF16 / AMX, e.g. AMD Zen 3), torch's bf16 GEMM widens
-the weights once per row, so the second row costs nearly as much as the first; the kernel in
-`csrc/few_rows_bf16.cpp` widens each weight once for all rows. Where bf16 is native, torch
-already batches rows almost for free, and we leave it alone.
+The dual path multiplies every shared weight by 2B rows at each decode step, and stock torch
+is slow at that shape on the x86 CPUs we measured (see `csrc/few_rows_bf16.cpp`): without
+native bf16 (AMD Zen 3) the second row costs nearly as much as the first; with it (Intel
+Sapphire Rapids) oneDNN's 1-2 row product took 2-4x what the kernel's AVX512-BF16 loop does.
+The dual path installs the kernel only where it times faster than stock on the model's own
+weights (`aligndial.dualpath._beats_stock`), so a CPU where torch wins keeps torch.
 
 It is compiled on first use with torch's C++ extension builder (gcc + ninja; about a minute,
 once per machine, cached in torch's extensions directory). Set ALIGNDIAL_KERNELS=0 to use
@@ -33,16 +34,18 @@ def kernels_enabled() -> bool:
 
 def few_rows_bf16() -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None:
     """`f(x, w) -> x @ w.T` for contiguous bf16 x (1..MAX_ROWS rows) and w, or None where the
-    kernel does not apply (disabled, not x86 with AVX2, native bf16) or could not be built."""
+    kernel does not apply (disabled, not x86 with AVX2) or could not be built."""
     if not kernels_enabled() or platform.machine() not in ("x86_64", "AMD64"):
         return None
-    if torch.backends.cpu.get_cpu_capability() not in ("AVX2", "AVX512") or torch.ops.mkldnn._is_mkldnn_bf16_supported():
+    if torch.backends.cpu.get_cpu_capability() not in ("AVX2", "AVX512"):
         return None
-    return _build()
+    module = _build()
+    return None if module is None else module.few_rows_bf16
 
 
 @functools.cache
 def _build():
+    """The compiled module (`few_rows_bf16`, `few_rows_bf16_avx2`, `has_avx512_bf16`), or None."""
     from torch.utils.cpp_extension import load
     from tqdm import tqdm
 
@@ -70,4 +73,4 @@ def _build():
     finally:
         done.set()
         bar.close()
-    return module.few_rows_bf16
+    return module
