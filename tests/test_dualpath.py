@@ -172,8 +172,8 @@ def test_bf16_few_row_kernel_matches_float64():
 
 
 def test_bf16_dual_path_with_kernel_matches_stock(tok, prompts, monkeypatch):
-    """Where the kernel applies (no native bf16), the bf16 dual path installs it and its mixed
-    logits agree with torch's GEMM to bf16 precision; elsewhere nothing is installed."""
+    """Where the kernel applies (x86 with AVX2) and wins, the bf16 dual path installs it and its
+    mixed logits agree with torch's GEMM to bf16 precision; elsewhere nothing is installed."""
     from aligndial.kernels import few_rows_bf16
 
     enc = tok(prompts[:1], return_tensors="pt")
