@@ -96,6 +96,8 @@ def step_rows(dtype, ids, rounds, instances) -> list[dict]:
         "plain + product": lambda: Decoder(with_few_rows(llama_50m(0, dtype), dtype)),
         "plain + product, 2 rows": lambda: Decoder(with_few_rows(llama_50m(0, dtype), dtype), rows=2),
         "merged + product": lambda: Decoder(with_few_rows(merge_adapter(with_adapter(dtype)), dtype)),
+        # strictly more work than a dual step (the adapter layer and the head on 2 rows too)
+        "merged + product, 2 rows": lambda: Decoder(with_few_rows(merge_adapter(with_adapter(dtype)), dtype), rows=2),
         **{x: lambda x=x: Decoder(adapted(dtype), lam=lam(x)) for x in (0.5, 0.0, 1.0)},
     }
     built = {name: [] for name in sides}
@@ -144,7 +146,7 @@ def main():
     rows, steps = [], []
     for dtype in (torch.float32, torch.bfloat16):
         steps += step_rows(dtype, ids, args.rounds, args.instances)
-        print("measured per step", steps[-6:], file=sys.stderr, flush=True)
+        print("measured per step", steps[-7:], file=sys.stderr, flush=True)
         plain = llama_50m(0, dtype)
         rows += lam_speed_rows(plain, adapted(dtype), ids, dtype, repeats=args.rounds)
         rows += ceiling_rows(plain, dtype, ids, args.rounds)
