@@ -75,11 +75,11 @@ def with_few_rows(model, dtype):
     from aligndial.dualpath import _few_rows_linear, _few_rows_product, _Router
 
     if few_rows_wins(dtype):
-        router = _Router()
+        router, product = _Router(), _few_rows_product(dtype)
         router.mode = "dual"  # always on: every few-row forward of this model takes the product
         for m in decoder_layers(model).modules():
             if type(m) is torch.nn.Linear:
-                m.forward = _few_rows_linear(m, router, _few_rows_product(dtype), dtype)
+                m.forward = _few_rows_linear(m, router, product, dtype)
     return model
 
 

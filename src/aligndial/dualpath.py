@@ -74,8 +74,8 @@ def _routed(layer_forward, router: _Router, returns_tuple: bool):
 #   product; W @ xᵀ with a row-contiguous x cost about one row's (8 layers, 2 rows: 3.3 ms
 #   against 9.2 ms);
 # - bf16 (see aligndial.kernels): without native bf16 our kernel widens each weight once for all
-#   rows; on an Intel Sapphire Rapids its AVX512-BF16 loop took 2.7 ms for 8 layers at 2 rows
-#   against oneDNN's 5.6 ms (which is no cheaper at 1 row).
+#   rows; on an Intel Sapphire Rapids its AVX512-BF16 loop took 2.7-3.1 ms for 8 layers at 2
+#   rows against oneDNN's 5.5-7.7 ms (which is no cheaper at 1 row).
 # On other CPUs the same forms lose: on that Sapphire Rapids, fp32 W @ xᵀ at 2 rows took
 # 10.1 ms against stock's 4.2 ms, and λ=0.5 decoding fell to 0.56 of the plain model. So the first
 # mixed-λ forward times both on the model's own weights and installs the shortcut only where it

@@ -3,7 +3,7 @@
 The dual path multiplies every shared weight by 2B rows at each decode step, and stock torch
 is slow at that shape on the x86 CPUs we measured (see `csrc/few_rows_bf16.cpp`): without
 native bf16 (AMD Zen 3) the second row costs nearly as much as the first; with it (Intel
-Sapphire Rapids) oneDNN's 1-2 row product took 2-4x what the kernel's AVX512-BF16 loop does.
+Sapphire Rapids) oneDNN's 1-2 row product took 2-5x what the kernel's AVX512-BF16 loop does.
 The dual path installs the kernel only where it times faster than stock on the model's own
 weights (`aligndial.dualpath._beats_stock`), so a CPU where torch wins keeps torch.
 
