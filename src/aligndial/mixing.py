@@ -82,16 +82,27 @@ def _bad_number(n_aligned: int):
     )
 
 
+# The largest |λ| accepted anywhere λ comes from a user (CLI flags, HTTP fields, configs).
+# Eq. 9 scales logits by λ and 1 − λ: real logits stay far below 1e4 in magnitude, so
+# |λ| ≤ 1e6 keeps every λ·logit within float32 (~3.4e38) with room to spare, while a "finite"
+# λ such as 3e38 would overflow the mix to inf − inf = NaN and silently pick token 0.
+LAM_LIMIT = 1e6
+
+
 def check_lam(value: float, name: str = "lam", bound: float | None = None) -> float:
-    """Validate one scalar λ from user input (CLI flag, HTTP field) and return it as a float."""
+    """Validate one scalar λ from user input (CLI flag, HTTP field) and return it as a float:
+    finite, and within ±`bound` (default ±LAM_LIMIT)."""
     try:
         x = float(value)
     except (TypeError, ValueError):
         raise ValueError(f"`{name}` must be a number; got {value!r}") from None
+    except OverflowError:  # float(10**400): an int too large for a float
+        x = math.inf
     if not math.isfinite(x):
-        raise ValueError(f"`{name}` must be finite; got {value!r}")
-    if bound is not None and abs(x) > bound:
-        raise ValueError(f"`{name}` must be within [-{bound}, {bound}]; got {x}")
+        raise ValueError(f"`{name}` must be a finite number; got {value!r}")
+    bound = LAM_LIMIT if bound is None else min(bound, LAM_LIMIT)
+    if abs(x) > bound:
+        raise ValueError(f"`{name}` must be within [{-bound:g}, {bound:g}]; got {value!r}")
     return x
 
 
