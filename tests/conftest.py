@@ -10,6 +10,7 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 from aligndial.tiny import build_model, build_tokenizer, save  # noqa: E402
+from replicas import Replicas  # noqa: E402
 
 torch.set_num_threads(2)
 
@@ -30,6 +31,14 @@ def model_dirs(tmp_path_factory, tok):
             for seed, name in ((0, "ref"), (1, "aligned"), (2, "aligned2"))
         )
     return dirs
+
+
+@pytest.fixture(scope="session")
+def replicas(tmp_path_factory) -> Replicas:
+    """Checkpoints shaped like the real families behind real tokenizers (tests/replicas.py),
+    each built on first use and shared by the whole session:
+    `replicas.qwen3("base" | "instruct", dtype="bfloat16")`, `replicas.llama3(...)`, `replicas.gemma(...)`."""
+    return Replicas(tmp_path_factory.mktemp("replicas"))
 
 
 @pytest.fixture
