@@ -29,7 +29,8 @@ from aligndial.cli import main
 from aligndial.dualpath import DualPathModel
 from aligndial.loading import load_tokenizer
 from aligndial.pair import RealignedPair
-from aligndial.serve import HFEngine, ServerSettings, create_app
+from aligndial.serve import HFEngine, ServerSettings, create_app, uvicorn_config
+from aligndial.serve.engine import GenerationRequest, TokenEvent, sample
 from aligndial.tiny import build_model, save
 
 NAME = "tiny"
@@ -41,8 +42,9 @@ class Server:
 
     def __init__(self, engine, **settings):
         self.engine = engine
-        app = create_app(engine, ServerSettings(model_name=NAME, **settings))
-        self.uvicorn = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning"))
+        self.settings = ServerSettings(model_name=NAME, **settings)
+        app = create_app(engine, self.settings)
+        self.uvicorn = uvicorn.Server(uvicorn_config(app, self.settings, host="127.0.0.1", port=0, log_level="warning"))
         self.thread = threading.Thread(target=self.uvicorn.run, daemon=True)
 
     def __enter__(self):
@@ -569,3 +571,282 @@ def test_cli_server_two_aligned_models_keys_and_sigterm(llama, tmp_path, capsys)
             proc.wait(10)
     output = open(tmp_path / "server.log").read()
     assert "POST /v1/completions" in output and key not in output
+
+
+# --- RELIABILITY.md cases 26–30: inputs just outside the list above (issue 18) --------------------------------
+
+
+def engine_events(engine, *requests: GenerationRequest, timeout: float = 60) -> list[list[TokenEvent]]:
+    """Submit requests straight to an engine (no HTTP validation in front) and collect their events."""
+    async def go():
+        generations = [engine.submit(r) for r in requests]
+
+        async def events(g):
+            return [e async for e in g]
+
+        return await asyncio.gather(*(events(g) for g in generations))
+
+    return asyncio.run(asyncio.wait_for(go(), timeout))
+
+
+def assert_idle(server) -> None:
+    """Every counter of admitted work is back to 0 (a leak here once gave a stale 429)."""
+    assert wait_for(lambda: (m := server.metrics())["aligndial_queue_depth"] == 0
+                    and m["aligndial_sequences_running"] == 0 and m["aligndial_requests_in_flight"] == 0), server.metrics()
+    assert server.metrics()["aligndial_engine_up"] == 1
+
+
+def test_case27_an_exception_in_one_request_fails_that_request_only(pair_server):
+    """Seeds the generator cannot take, and a temperature that makes sampling NaN, sent to the
+    engine itself (the HTTP layer refuses them first, see below): each fails alone, with an error
+    event; a request decoding beside them is untouched; the engine keeps running."""
+    engine = pair_server.engine
+    ids = engine.tokenizer("Hello")["input_ids"]
+    good = GenerationRequest(ids, 12, [0.5], temperature=0)
+    alone = engine_events(engine, good)[0]
+    bad = [GenerationRequest(ids, 2, [0.5], seed=99999999999999999999999, temperature=0.9),
+           GenerationRequest(ids, 2, [0.5], n=2, seed=2**64 - 1, temperature=0.9),
+           GenerationRequest(ids, 4, [0.5], temperature=float("nan"))]
+    together = engine_events(engine, good, *bad)
+    assert together[0] == alone
+    for events in together[1:]:
+        assert events and all(e.finish_reason == "error" and e.error for e in events), events
+    assert "Overflow" in together[1][0].error
+    assert assert_idle(pair_server) is None
+    pair_server.assert_serves()
+
+
+@pytest.mark.parametrize("extra", [{"seed": 99999999999999999999999}, {"seed": 2**64 - 1, "n": 2}, {"seed": 2**63},
+                                   {"seed": -1}, {"seed": 1.5}])
+@pytest.mark.parametrize("stream", [False, True])
+def test_case26_seeds_outside_0_to_2_63_give_400(pair_server, extra, stream):
+    body = {"prompt": "hi", "max_tokens": 2, "temperature": 0.9, "stream": stream, **extra}
+    err = error_of(pair_server.post("/v1/completions", body), 400)
+    assert err["param"] == "seed" and "`seed`" in err["message"], err
+    chat = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2, "stream": stream, **extra}
+    assert error_of(pair_server.post("/v1/chat/completions", chat), 400)["param"] == "seed"
+    pair_server.assert_serves()
+    assert_idle(pair_server)
+
+
+def test_case26_the_largest_seed_samples(pair_server):
+    r = pair_server.post("/v1/completions", {"prompt": "hi", "max_tokens": 3, "temperature": 0.9, "seed": 2**63 - 1,
+                                             "n": 2})
+    assert r.status_code == 200, r.text
+
+
+@pytest.mark.parametrize("temperature", [1e-38, 1e-45, 5e-5])
+@pytest.mark.parametrize("path", ["/v1/completions", "/v1/chat/completions"])
+def test_case27_temperatures_between_0_and_the_minimum_give_400(pair_server, temperature, path):
+    body = {"max_tokens": 2, "temperature": temperature, "stream": True,
+            **({"prompt": "hi"} if path == "/v1/completions" else {"messages": [{"role": "user", "content": "hi"}]})}
+    err = error_of(pair_server.post(path, body), 400)
+    assert err["param"] == "temperature" and "0.0001" in err["message"] and "--min-temperature" in err["message"], err
+    pair_server.assert_serves()
+    pair_server.assert_serves(temperature=1e-4, seed=1)  # the minimum itself samples
+    assert_idle(pair_server)
+
+
+def test_case27_sampling_is_stable_at_any_temperature_above_zero():
+    """logits/T overflows to inf for T = 1e-38 (then softmax is NaN); shifted by the max first it
+    cannot, and a tiny temperature samples the argmax, as it should."""
+    logits = torch.tensor([40.0, 39.0, float("-inf"), -3e4])
+    for t in (1e-38, 1e-45, 1e-4):
+        assert sample(logits, GenerationRequest([1], 1, temperature=t, top_p=0.5), torch.Generator().manual_seed(0)) == 0
+    with pytest.raises(ValueError, match="non-finite"):
+        sample(torch.full((4,), float("-inf")), GenerationRequest([1], 1), torch.Generator())
+
+
+def test_case27_an_engine_fault_restarts_the_engine_and_is_counted(llama):
+    """A fault outside any one request (here: the batch bookkeeping raising once) fails the
+    rows then in the batch, restarts the engine loop with an empty batch, and counts it."""
+    ref, aligned, _ = llama
+    pair = RealignedPair.from_pretrained(ref, aligned)
+    engine = HFEngine(pair, pair.tokenizer, 1)
+    prune, faults = engine._prune, []
+
+    def prune_with_one_fault():
+        if not faults:
+            faults.append(1)
+            raise RuntimeError("injected fault in the batch bookkeeping")
+        prune()
+
+    engine._prune = prune_with_one_fault
+    with Server(engine) as server:
+        assert server.metrics()["aligndial_engine_restarts_total"] == 0
+        err = error_of(server.post("/v1/completions", {"prompt": "Hi", "max_tokens": 4}), 500)
+        assert "injected fault" in err["message"]
+        server.assert_serves()
+        assert server.metrics()["aligndial_engine_restarts_total"] == 1
+        assert_idle(server)
+
+
+@pytest.mark.parametrize("path, body, param", [
+    ("/v1/completions", b'{"prompt": "a\\ud800b", "max_tokens": 2}', "prompt"),
+    ("/v1/completions", b'{"prompt": "a\\udfffb", "max_tokens": 2, "stream": true}', "prompt"),
+    ("/v1/completions", b'{"prompt": "hi", "stop": ["\\ud800"], "max_tokens": 2}', "stop"),
+    ("/v1/completions", b'{"prompt": "hi", "model": "x\\ud800", "max_tokens": 2}', "model"),
+    ("/v1/chat/completions", b'{"messages": [{"role": "user", "content": "a\\ud800b"}], "max_tokens": 2}', "messages"),
+    ("/v1/chat/completions", b'{"messages": [{"role": "user\\udc00", "content": "a"}], "max_tokens": 2}', "messages"),
+    ("/v1/chat/completions",
+     b'{"messages": [{"role": "user", "content": [{"type": "text", "text": "\\udc00"}]}], "max_tokens": 2}', "messages"),
+])
+def test_case28_lone_surrogates_give_400_naming_the_field(pair_server, path, body, param, caplog):
+    err = error_of(pair_server.post(path, body), 400)
+    assert err["param"] == param and "surrogate" in err["message"] and f"`{param}`" in err["message"], err
+    assert not [r for r in caplog.records if r.exc_info], "no traceback in the log"
+    pair_server.assert_serves()
+
+
+def test_json_sent_as_text_plain_is_told_the_content_type(pair_server):
+    body = json.dumps({"prompt": "Hi", "max_tokens": 2}).encode()
+    for ctype in ("text/plain", "text/plain; charset=utf-8", "application/x-www-form-urlencoded"):
+        err = error_of(pair_server.post("/v1/completions", body, {"content-type": ctype}), 415)
+        assert "Content-Type: application/json" in err["message"], err
+    r = pair_server.post("/v1/completions", body, {"content-type": "application/json; charset=utf-8"})
+    assert r.status_code == 200, r.text
+    pair_server.assert_serves()
+
+
+@pytest.mark.parametrize("path, field, value", [
+    ("/v1/completions", "logprobs", 5), ("/v1/completions", "logprobs", 0), ("/v1/completions", "echo", True),
+    ("/v1/completions", "best_of", 3), ("/v1/completions", "logit_bias", {"50": 100}),
+    ("/v1/completions", "suffix", "end"), ("/v1/completions", "presence_penalty", 0.5),
+    ("/v1/chat/completions", "logprobs", True), ("/v1/chat/completions", "top_logprobs", 2),
+    ("/v1/chat/completions", "tools", [{"type": "function", "function": {"name": "f"}}]),
+    ("/v1/chat/completions", "tool_choice", "auto"), ("/v1/chat/completions", "functions", [{"name": "f"}]),
+    ("/v1/chat/completions", "function_call", "auto"), ("/v1/chat/completions", "frequency_penalty", -1),
+    ("/v1/chat/completions", "response_format", {"type": "json_object"}),
+])
+def test_unsupported_openai_fields_give_400_instead_of_being_ignored(pair_server, path, field, value):
+    base = {"prompt": "Hi"} if path == "/v1/completions" else {"messages": [{"role": "user", "content": "Hi"}]}
+    err = error_of(pair_server.post(path, {**base, "max_tokens": 2, field: value}), 400)
+    assert err["param"] == field and f"`{field}` is not supported by aligndial serve" in err["message"], err
+    pair_server.assert_serves()
+
+
+def test_unsupported_fields_at_their_off_values_are_accepted(pair_server):
+    """Clients often send the defaults explicitly; those change nothing, so they pass."""
+    off = {"logprobs": None, "echo": False, "best_of": 1, "logit_bias": {}, "suffix": None, "presence_penalty": 0,
+           "frequency_penalty": 0.0}
+    pair_server.assert_serves(**off)
+    r = pair_server.post("/v1/chat/completions", {"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2,
+                                                  "logprobs": False, "tools": [], "tool_choice": "none",
+                                                  "response_format": {"type": "text"}})
+    assert r.status_code == 200, r.text
+    with pytest.raises(openai.BadRequestError, match="`logprobs` is not supported by aligndial serve"):
+        pair_server.client().completions.create(model=NAME, prompt="Hi", max_tokens=2, logprobs=1)
+
+
+def test_case29_a_body_above_the_limit_gets_413_at_once(pair_server):
+    big = json.dumps({"prompt": "x" * (5 * 2**20), "max_tokens": 1}).encode()
+    start = time.monotonic()
+    err = error_of(pair_server.post("/v1/completions", big), 413)
+    assert "1048576" in err["message"] and "--max-body-bytes" in err["message"], err
+    assert time.monotonic() - start < 2
+
+    def chunked():  # no Content-Length: the limit is counted as the body arrives
+        for i in range(0, len(big), 2**16):
+            yield big[i : i + 2**16]
+
+    r = httpx.post(pair_server.url + "/v1/chat/completions", content=chunked(), timeout=60,
+                   headers={"content-type": "application/json"})
+    assert "transfer-encoding" not in r.request.headers or r.request.headers["transfer-encoding"] == "chunked"
+    error_of(r, 413)
+    pair_server.assert_serves()
+    assert_idle(pair_server)
+
+
+def test_case29_prompt_characters_are_limited_before_tokenizing(pair_server):
+    """The tiny model's context is 256 tokens, so prompts above 256 × 16 characters are refused
+    without tokenizing them; /health answers meanwhile."""
+    limit = 256 * 16
+    for path, body, chars in (
+        ("/v1/completions", {"prompt": "x" * (limit + 1)}, limit + 1),
+        ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x" * limit},
+                                               {"role": "assistant", "content": "y"}]}, limit + 1 + 4 + 9),  # + roles
+    ):
+        err = error_of(pair_server.post(path, body), 400)
+        assert f"{chars} characters" in err["message"] and f"at most {limit}" in err["message"], err
+        assert "--max-prompt-chars" in err["message"] and err["param"] in ("prompt", "messages")
+    pair_server.assert_serves()
+
+
+def test_case29_tokenizing_never_blocks_health(llama):
+    """With the character limit lifted, a long prompt is tokenized in a worker thread: /health
+    keeps answering in well under a second while it runs, and the prompt gets its 400."""
+    ref, aligned, _ = llama
+    pair = RealignedPair.from_pretrained(ref, aligned)
+    with Server(HFEngine(pair, pair.tokenizer, 1), max_body_bytes=8 * 2**20, max_prompt_chars=10**8) as server:
+        body = {"prompt": "Hello world, " * 40_000, "max_tokens": 1}  # 520k characters: seconds of tokenizing here
+        with ThreadPoolExecutor(1) as pool:
+            refused = pool.submit(server.post, "/v1/completions", body)
+            slowest = 0.0
+            while not refused.done():
+                start = time.monotonic()
+                assert httpx.get(server.url + "/health", timeout=5).status_code == 200
+                slowest = max(slowest, time.monotonic() - start)
+                time.sleep(0.05)
+        err = error_of(refused.result(), 400)
+        assert "tokens long" in err["message"]
+        assert slowest < 1.0, slowest
+        server.assert_serves()
+
+
+def test_case29_slow_half_sent_requests_time_out(llama):
+    ref, aligned, _ = llama
+    pair = RealignedPair.from_pretrained(ref, aligned)
+    with Server(HFEngine(pair, pair.tokenizer, 1), header_timeout=1.0, body_timeout=1.0) as server:
+        port = int(server.url.rsplit(":", 1)[1])
+
+        def closed_within(sock, seconds) -> tuple[bool, bytes]:
+            sock.settimeout(seconds)
+            data = b""
+            try:
+                while chunk := sock.recv(4096):
+                    data += chunk
+                return True, data
+            except TimeoutError:
+                return False, data
+
+        with socket.create_connection(("127.0.0.1", port)) as s:  # headers that never end
+            s.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\n")
+            start = time.monotonic()
+            for _ in range(3):
+                time.sleep(0.4)
+                try:
+                    s.sendall(b"X-Slow: 1\r\n")
+                except OSError:
+                    break
+            closed, _ = closed_within(s, 5)
+            assert closed and time.monotonic() - start < 4
+        with socket.create_connection(("127.0.0.1", port)) as s:  # a body that never ends
+            s.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                      b"Content-Length: 100\r\n\r\n{\"prompt\":")
+            closed, data = closed_within(s, 5)
+            assert closed and data.startswith(b"HTTP/1.1 408"), data
+        with socket.create_connection(("127.0.0.1", port)) as s:  # idle after connecting
+            closed, _ = closed_within(s, 5)
+            assert closed
+        server.assert_serves()
+
+
+def test_case30_a_lam_whose_mix_would_overflow_is_refused(pair_server, llama, adapter_dir, capsys):
+    for lam in (3e38, -3e38, 1e7):
+        err = error_of(pair_server.post("/v1/completions", {"prompt": "Hi", "alignment_strength": lam}), 400)
+        assert err["param"] == "alignment_strength"
+    assert main(["serve", "--model", llama[0], "--adapter", adapter_dir, "--lam-range=-1,3e38"]) == 2
+    assert "`--lam-range` must be within [-1e+06, 1e+06]" in capsys.readouterr().err
+    pair_server.assert_serves()
+
+
+def test_limit_flags_are_checked_before_loading(llama, adapter_dir, capsys):
+    for argv, message in [
+        (["--max-body-bytes", "0"], "`--max-body-bytes` must be a finite number > 0"),
+        (["--min-temperature", "nan"], "`--min-temperature` must be a finite number > 0"),
+        (["--min-temperature", "3"], "at most 2"),
+        (["--header-timeout", "-1"], "`--header-timeout` must be a finite number > 0"),
+        (["--max-prompt-chars", "0"], "`--max-prompt-chars` must be a finite number > 0"),
+    ]:
+        assert main(["serve", "--model", llama[0], "--adapter", adapter_dir, *argv]) == 2
+        assert message in capsys.readouterr().err

@@ -7,10 +7,15 @@ strength λ, and concurrent requests with different λ share forward passes.
     curl localhost:8000/v1/completions -H 'content-type: application/json' \\
         -d '{"model": "dpo-model", "prompt": "Hi", "max_tokens": 16, "alignment_strength": 0.5}'
 
-Files: protocol.py (request bodies and their bounds), errors.py (OpenAI error objects),
-engine.py (the batching engine), vllm_engine.py (the same interface on vLLM), batch.py (rows joining and leaving a KV cache), app.py (routes,
+Files: protocol.py (request bodies and their bounds), limits.py (every request limit: default,
+flag, check), errors.py (OpenAI error objects), guards.py (body size/type/time and header
+timeouts, before any route), engine.py (the batching engine), vllm_engine.py (the same interface
+on vLLM), batch.py (rows joining and leaving a KV cache), app.py (routes,
 `create_app(engine, settings)`), static/ (the playground page at /). This module turns the
 command's flags into those pieces.
+
+`aligndial.serve.limits` imports only the standard library, and the names below load the server
+(FastAPI, torch) only when first used, so the command line can declare the flags cheaply.
 """
 
 from __future__ import annotations
@@ -20,12 +25,27 @@ import logging
 import os
 
 from aligndial.mixing import check_lam
-from aligndial.serve.app import ServerSettings, create_app
-from aligndial.serve.engine import HFEngine
+from aligndial.serve import limits
 
-__all__ = ["HFEngine", "ServerSettings", "create_app", "run", "run_vllm", "settings_from_args"]
+__all__ = ["HFEngine", "ServerSettings", "create_app", "run", "run_vllm", "settings_from_args", "uvicorn_config"]
 
 log = logging.getLogger("aligndial.serve")
+
+
+def __getattr__(name: str):
+    if name in ("ServerSettings", "create_app"):
+        from aligndial.serve import app
+
+        return getattr(app, name)
+    if name == "HFEngine":
+        from aligndial.serve.engine import HFEngine
+
+        return HFEngine
+    if name == "uvicorn_config":
+        from aligndial.serve.guards import uvicorn_config
+
+        return uvicorn_config
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def _lam_range(text: str) -> tuple[float, float]:
@@ -56,8 +76,10 @@ def _default_lam(text: str | None, n_aligned: int, lo: float, hi: float) -> floa
     return weights[0] if n_aligned == 1 else weights
 
 
-def settings_from_args(args) -> ServerSettings:
-    """Check every flag before any model loads."""
+def settings_from_args(args):
+    """Check every flag before any model loads; returns the `ServerSettings`."""
+    from aligndial.serve.app import ServerSettings
+
     n_aligned = len(args.aligned or []) if args.ref else 1 if args.adapter else 0
     if args.engine == "vllm":
         from aligndial.vllm.run import check_installed, export_n_aligned
@@ -75,10 +97,11 @@ def settings_from_args(args) -> ServerSettings:
         port=args.port,
         max_concurrency=args.max_concurrency,
         max_queue=args.max_queue,
+        **limits.from_args(args),
     )
 
 
-def run_vllm(args, settings: ServerSettings) -> int:
+def run_vllm(args, settings) -> int:
     """`--engine vllm`: export the model flags to a directory vLLM loads (aligndial.vllm.run), then
     serve it with `VLLMEngine` behind the same app."""
     import tempfile
@@ -90,25 +113,32 @@ def run_vllm(args, settings: ServerSettings) -> int:
     with tempfile.TemporaryDirectory(prefix="aligndial-vllm-") as workdir:
         path, n_aligned = model_dir(args, workdir, settings.default_lam)
         tokenizer = load_tokenizer(path, args.trust_remote_code)
-        engine = VLLMEngine(engine_kwargs(path, args.dtype, settings.max_concurrency), tokenizer, n_aligned,
+        kw = engine_kwargs(path, args.dtype, settings.max_concurrency,
+                           tensor_parallel_size=getattr(args, "tensor_parallel_size", None) or 1)
+        engine = VLLMEngine(kw, tokenizer, n_aligned,
                             context_length(path, tokenizer), settings.max_concurrency, settings.max_queue)
         return _serve(engine, settings)
 
 
-def run(model, tokenizer, n_aligned: int, settings: ServerSettings) -> int:
+def run(model, tokenizer, n_aligned: int, settings) -> int:
     """Serve until SIGTERM / Ctrl-C; uvicorn then finishes running requests and refuses new ones."""
+    from aligndial.serve.engine import HFEngine
+
     return _serve(HFEngine(model, tokenizer, n_aligned, settings.max_concurrency, settings.max_queue), settings)
 
 
-def _serve(engine, settings: ServerSettings) -> int:
+def _serve(engine, settings) -> int:
     import uvicorn
+
+    from aligndial.serve.app import create_app
+    from aligndial.serve.guards import uvicorn_config
 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s:     %(message)s")
     log.info("serving %r (λ default %s, range %s, context %d tokens%s)", settings.model_name, settings.default_lam,
              list(settings.lam_range), engine.context_length, ", API key required" if settings.api_key else "")
     if not settings.api_key and not _is_loopback(settings.host):
         log.warning("listening on %s without an API key: anyone who can reach it can use it", settings.host)
-    uvicorn.run(create_app(engine, settings), host=settings.host, port=settings.port)
+    uvicorn.Server(uvicorn_config(create_app(engine, settings), settings)).run()
     return 0
 
 

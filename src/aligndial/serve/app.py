@@ -15,6 +15,11 @@ Robustness (RELIABILITY.md, cases 1–10): errors are OpenAI error objects (erro
 engine gives 429 with Retry-After; a client that hangs up cancels its generation, streamed or
 not; an engine error after the first streamed chunk becomes an error event, then `data: [DONE]`;
 API keys are compared in constant time and never logged.
+
+Hostile inputs (cases 26–29; every bound lives in limits.py): bodies are checked and read by
+guards.py (JSON, size, time); a temperature between 0 and --min-temperature is refused; a prompt
+is measured in characters before it is tokenized, and tokenized (or its chat template rendered)
+in a worker thread, so /health and every other request keep being answered meanwhile.
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ import secrets
 import time
 import uuid
 from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,7 +43,9 @@ from jinja2 import TemplateError
 
 from aligndial.generation import render_prompts
 from aligndial.serve.engine import EngineOverloaded, EngineUnavailable, Generation, GenerationRequest, TokenEvent
+from aligndial.serve import limits
 from aligndial.serve.errors import APIError, install_handlers
+from aligndial.serve.guards import ReadBody
 from aligndial.serve.protocol import ChatCompletionRequest, CompletionRequest, _Sampling
 
 log = logging.getLogger("aligndial.serve")
@@ -60,6 +68,15 @@ class ServerSettings:
     port: int = 8000
     max_concurrency: int = field(default=8, metadata={"help": "sequences decoded together in one batch"})
     max_queue: int = field(default=64, metadata={"help": "sequences that may wait for a row; beyond that, 429"})
+    # --- request limits: defaults, flags and checks in limits.py ---------------------------------------
+    min_temperature: float = field(default=limits.MIN_TEMPERATURE, metadata={"help": limits.FLAGS["min_temperature"][3]})
+    max_body_bytes: int = field(default=limits.MAX_BODY_BYTES, metadata={"help": limits.FLAGS["max_body_bytes"][3]})
+    max_prompt_chars: int | None = field(default=None, metadata={"help": limits.FLAGS["max_prompt_chars"][3]})
+    header_timeout: float = field(default=limits.HEADER_TIMEOUT, metadata={"help": limits.FLAGS["header_timeout"][3]})
+    body_timeout: float = field(default=limits.BODY_TIMEOUT, metadata={"help": limits.FLAGS["body_timeout"][3]})
+    keep_alive_timeout: float = field(default=limits.KEEP_ALIVE_TIMEOUT,
+                                      metadata={"help": limits.FLAGS["keep_alive_timeout"][3]})
+    max_header_bytes: int = field(default=limits.MAX_HEADER_BYTES, metadata={"help": limits.FLAGS["max_header_bytes"][3]})
 
 
 class Metrics:
@@ -92,6 +109,8 @@ class Metrics:
         metric("decode_rows_total", "counter", "Rows over all decode steps (÷ steps = mean batch size).",
                [("", engine["decode_rows"])])
         metric("engine_up", "gauge", "1 while the engine thread runs.", [("", int(healthy))])
+        metric("engine_restarts_total", "counter", "Engine-level faults after which the engine loop restarted.",
+               [("", engine.get("engine_restarts", 0))])
         return "\n".join(out) + "\n"
 
 
@@ -262,15 +281,25 @@ def create_app(engine, settings: ServerSettings) -> FastAPI:
     and refuses new connections) it stops the engine."""
     metrics = Metrics()
     tokenizer = engine.tokenizer
+    max_prompt_chars = settings.max_prompt_chars or engine.context_length * limits.CHARS_PER_TOKEN
+    # One worker: prompts are tokenized off the event loop, one at a time (a fast tokenizer used
+    # from two threads at once can fail with "Already borrowed").
+    tokenize_pool = ThreadPoolExecutor(1, thread_name_prefix="aligndial-tokenize")
+
+    async def off_loop(fn, *args):
+        return await asyncio.get_running_loop().run_in_executor(tokenize_pool, fn, *args)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         engine.start()
         yield
         await asyncio.to_thread(engine.shutdown)
+        tokenize_pool.shutdown(wait=False, cancel_futures=True)
 
     app = FastAPI(title="aligndial", lifespan=lifespan)
     install_handlers(app, lambda kind: metrics.errors.update([kind]))
+    app.add_middleware(ReadBody, max_bytes=settings.max_body_bytes, timeout=settings.body_timeout,
+                       count_error=lambda kind: metrics.errors.update([kind]))
     if settings.api_key:
         app.add_middleware(_RequireKey, key=settings.api_key, count_error=lambda kind: metrics.errors.update([kind]))
 
@@ -296,11 +325,24 @@ def create_app(engine, settings: ServerSettings) -> FastAPI:
                 raise APIError(400, f"`{name}` must be within [{lo}, {hi}] (the server's --lam-range); got {w}", param=name)
         return lam
 
+    def check_temperature(body: _Sampling) -> None:
+        t = body.temperature
+        if 0 < t < settings.min_temperature:
+            raise APIError(400, f"`temperature` must be 0 (greedy) or at least {settings.min_temperature:g} "
+                                f"(the server's --min-temperature); got {t:g}", param="temperature")
+
+    def check_prompt_chars(field_name: str, chars: int) -> None:
+        """The early bound on characters, before any tokenizing (limits.CHARS_PER_TOKEN)."""
+        if chars > max_prompt_chars:
+            raise APIError(400, f"`{field_name}` is {chars} characters long; this server takes at most "
+                                f"{max_prompt_chars} (--max-prompt-chars); shorten it", param=field_name)
+
     async def answer(request: Request, body: _Sampling, prompt_ids: list[int], chat: bool, max_tokens: int | None):
         if body.model is not None and body.model != settings.model_name:
             raise APIError(404, f"model {body.model!r} does not exist; this server serves {settings.model_name!r} "
                                 "(see GET /v1/models)", param="model", code="model_not_found")
         lam = strength(body)
+        check_temperature(body)
         prompt_field = "messages" if chat else "prompt"
         ctx, p = engine.context_length, len(prompt_ids)
         if p == 0:
@@ -405,7 +447,8 @@ def create_app(engine, settings: ServerSettings) -> FastAPI:
 
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, request: Request):
-        ids = tokenizer(body.prompt)["input_ids"]
+        check_prompt_chars("prompt", len(body.prompt))
+        ids = await off_loop(lambda: tokenizer(body.prompt)["input_ids"])
         return await answer(request, body, ids, chat=False, max_tokens=body.max_tokens)
 
     @app.post("/v1/chat/completions")
@@ -413,12 +456,18 @@ def create_app(engine, settings: ServerSettings) -> FastAPI:
         if tokenizer.chat_template is None:
             raise APIError(400, "this model's tokenizer has no chat template; use /v1/completions with a plain prompt",
                            param="messages")
-        try:
-            text = render_prompts(tokenizer, [[m.as_template_input() for m in body.messages]], chat=True)[0]
-        except TemplateError as e:  # e.g. "Conversation roles must alternate user/assistant/..."
-            raise APIError(400, f"the model's chat template refused these messages: {e}", param="messages") from None
-        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-        return await answer(request, body, ids, chat=True, max_tokens=body.token_budget())
+        messages = [m.as_template_input() for m in body.messages]
+        check_prompt_chars("messages", sum(len(m["content"]) + len(m["role"]) for m in messages))
+
+        def render_and_tokenize() -> list[int]:
+            try:
+                text = render_prompts(tokenizer, [messages], chat=True)[0]
+            except TemplateError as e:  # e.g. "Conversation roles must alternate user/assistant/..."
+                raise APIError(400, f"the model's chat template refused these messages: {e}", param="messages") from None
+            return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+        return await answer(request, body, await off_loop(render_and_tokenize), chat=True,
+                            max_tokens=body.token_budget())
 
     app.add_middleware(_CountRequests, metrics=metrics, endpoints={r.path for r in app.routes})
     return app

@@ -19,8 +19,19 @@ Each turn of the loop (continuous batching):
 So a short request joins and leaves while a long one runs. Padding is masked and positions are
 per row, so a row's logits inside any batch are its logits alone, up to the rounding of batched
 kernels: greedy rows decode the same tokens (tested against requests alone and `generate`).
-An error in a prefill fails that request only; an error in a decode step fails the rows of
-that step, and the loop goes on serving.
+
+Isolation (RELIABILITY.md, case 27): an exception while serving one request fails that request
+only, with an error event per sequence, and its rows leave the batch:
+
+- anything in its prefill (its generators, its forward, its first samples);
+- its sampling at any step (NaN logits, a temperature the sampler cannot use, ...);
+- a decode step's shared forward fails the rows of that step (they share it), then the loop goes on.
+
+Anything else (the batch bookkeeping itself) is an engine-level fault: the rows in the batch get
+an error event, the loop restarts with an empty batch, and `stats()["engine_restarts"]` counts it.
+Waiting requests are kept. After `RESTART_LIMIT` faults within `RESTART_WINDOW` seconds the
+thread gives up and stops, `healthy()` turns false, and /health answers 503. In every case the
+counts of admitted sequences return to what is really in flight.
 """
 
 from __future__ import annotations
@@ -29,6 +40,7 @@ import asyncio
 import inspect
 import logging
 import threading
+import time
 from collections import deque
 from dataclasses import dataclass
 
@@ -40,6 +52,11 @@ from aligndial.pair import RealignedPair
 from aligndial.serve.batch import BatchCache
 
 log = logging.getLogger("aligndial.serve")
+
+# An engine that faults this many times within RESTART_WINDOW seconds stops instead of restarting
+# again (health turns 503), so a fault that recurs on every step does not loop forever.
+RESTART_LIMIT = 5
+RESTART_WINDOW = 60.0
 
 
 @dataclass(frozen=True)
@@ -156,10 +173,15 @@ def context_length(model, tokenizer) -> int:
 
 def sample(logits: torch.Tensor, request: GenerationRequest, generator: torch.Generator) -> int:
     """One token id from (V,) float32 logits: greedy at temperature 0, else temperature, top-k and
-    top-p (the most likely token always survives), then a draw from the row's own generator."""
+    top-p (the most likely token always survives), then a draw from the row's own generator.
+    Raises ValueError instead of picking a token from NaN (argmax returns a NaN's index)."""
+    if torch.isnan(logits).any():
+        raise ValueError("the model's logits contain NaN; check its weights and dtype")
     if request.temperature == 0:
         return int(logits.argmax())
-    logits = logits / request.temperature
+    # Shift by the max before dividing: softmax is shift-invariant, and (x − max)/T ≤ 0 cannot
+    # overflow for any T > 0, where x/T can (40/1e-38 = inf, and softmax of inf is NaN).
+    logits = (logits - logits.max()) / request.temperature
     if 0 < request.top_k < logits.shape[-1]:
         kth = torch.topk(logits, request.top_k).values[-1]
         logits = logits.masked_fill(logits < kth, float("-inf"))
@@ -168,7 +190,10 @@ def sample(logits: torch.Tensor, request: GenerationRequest, generator: torch.Ge
         probs = torch.softmax(sorted_logits, dim=-1)
         drop = probs.cumsum(-1) - probs > request.top_p  # tokens entirely past the nucleus
         logits = logits.index_fill(-1, order[drop], float("-inf"))
-    return int(torch.multinomial(torch.softmax(logits, dim=-1), 1, generator=generator))
+    probs = torch.softmax(logits, dim=-1)
+    if not torch.isfinite(probs).all():
+        raise ValueError(f"sampling at temperature {request.temperature} gave non-finite probabilities")
+    return int(torch.multinomial(probs, 1, generator=generator))
 
 
 class HFEngine:
@@ -189,9 +214,12 @@ class HFEngine:
         eos = model.generation_config.eos_token_id
         self.eos_ids = set(eos if isinstance(eos, list) else [] if eos is None else [eos])
         self.device = next(model.parameters()).device
-        self.counters = {"prefills": 0, "decode_steps": 0, "decode_rows": 0, "generated_tokens": 0}
+        self.counters = {"prefills": 0, "decode_steps": 0, "decode_rows": 0, "generated_tokens": 0,
+                         "engine_restarts": 0}
         self._lock = threading.Condition()
         self._waiting: deque[Generation] = deque()
+        self._admitting: deque[Generation] = deque()  # taken from _waiting, not yet prefilled
+        self._faults: deque[float] = deque()  # times of recent engine-level faults
         self._admitted = 0  # sequences submitted and not yet finished
         self._running = 0
         self._stopping = False
@@ -240,35 +268,67 @@ class HFEngine:
     def _run(self) -> None:
         try:
             with torch.inference_mode():
-                while True:
-                    with self._lock:
-                        while not self._waiting and not self._rows and not self._stopping:
-                            self._lock.wait()
-                        if not self._waiting and not self._rows:
-                            return  # stopping, and everything admitted has finished
-                        admitted = self._take_waiting()
-                    for generation in admitted:
-                        self._prefill(generation)
-                    self._prune()
-                    if self._rows:
-                        self._decode_step()
-                        self._prune()
+                while not self._serve():
+                    pass
         except BaseException:
             log.exception("the engine thread died")
             raise
         finally:  # after a crash, nobody may wait forever (after a drain, nothing is left)
             with self._lock:
-                waiting, self._waiting = list(self._waiting), deque()
-            rows, self._rows = self._rows, []
+                waiting, self._waiting = list(self._admitting) + list(self._waiting), deque()
+                self._admitting = deque()
+            rows, self._rows, self._batch = self._rows, [], None
             self._fail(rows, "the engine stopped")
-            for generation in waiting:
-                for i in range(generation.request.n):
-                    generation.emit(TokenEvent(i, None, "error", "the engine stopped"))
-            self._account(sum(g.request.n for g in waiting))
+            self._fail_waiting(waiting, "the engine stopped")
+
+    def _serve(self) -> bool:
+        """Run the loop; True when it stopped cleanly, False after a fault it recovered from."""
+        try:
+            self._loop()
+            return True
+        except Exception as e:
+            now = time.monotonic()
+            self._faults.append(now)
+            while self._faults and self._faults[0] < now - RESTART_WINDOW:
+                self._faults.popleft()
+            if len(self._faults) > RESTART_LIMIT:
+                log.error("the engine faulted %d times within %g s; stopping it", len(self._faults), RESTART_WINDOW)
+                raise
+            log.exception("engine fault: failing the %d sequence(s) in the batch and restarting the engine loop",
+                          len(self._rows))
+            rows, self._rows, self._batch = self._rows, [], None
+            self._fail(rows, f"engine fault: {type(e).__name__}: {e}")
+            self.counters["engine_restarts"] += 1
+            return False
+
+    def _loop(self) -> None:
+        while True:
+            with self._lock:
+                while not self._waiting and not self._admitting and not self._rows and not self._stopping:
+                    self._lock.wait()
+                if not self._waiting and not self._admitting and not self._rows:
+                    return  # stopping, and everything admitted has finished
+                self._admitting.extend(self._take_waiting())
+            while self._admitting:
+                with self._lock:
+                    generation = self._admitting.popleft()
+                self._prefill(generation)  # fails the request itself on any error of its own
+            self._prune()
+            if self._rows:
+                self._decode_step()
+                self._prune()
+
+    def _fail_waiting(self, generations: list[Generation], message: str) -> None:
+        """End requests that have no rows yet, with an error event per sequence."""
+        for generation in generations:
+            for i in range(generation.request.n):
+                if i not in generation.cancelled:
+                    generation.emit(TokenEvent(i, None, "error", message))
+        self._account(sum(g.request.n for g in generations))
 
     def _take_waiting(self) -> list[Generation]:
         """Pop waiting requests, in order, while their sequences fit in the free rows (lock held)."""
-        taken, free = [], self.max_concurrency - len(self._rows)
+        taken, free = [], self.max_concurrency - len(self._rows) - sum(g.request.n for g in self._admitting)
         while self._waiting:
             head = self._waiting[0]
             if len(head.cancelled) == head.request.n:  # the client left while it waited
@@ -289,10 +349,9 @@ class HFEngine:
         kwargs = dict(attention_mask=mask, position_ids=positions, past_key_values=cache, use_cache=True, logits_to_keep=1)
         if self.n_aligned:
             kwargs.update(lam=lam, run_all=True)
-        logits = self.model(input_ids, **kwargs).logits[:, -1].float()
-        if torch.isnan(logits).any():  # a mixed model raises on NaN itself; a plain one does not
-            raise ValueError("the model's logits contain NaN; check its weights and dtype")
-        return logits
+        # A mixed model raises on NaN itself; for a plain one, sample() refuses a NaN row (that
+        # request fails, not the whole step).
+        return self.model(input_ids, **kwargs).logits[:, -1].float()
 
     def _lam(self, rows: list[_Row]) -> torch.Tensor | None:
         return torch.tensor([r.request.lam for r in rows], dtype=torch.float32) if self.n_aligned else None
@@ -308,12 +367,13 @@ class HFEngine:
 
     def _prefill(self, generation: Generation) -> None:
         """Run the prompt alone, sample the first token of each of its n sequences, and append
-        their rows (copies of the prompt's cache) to the running batch."""
+        their rows (copies of the prompt's cache) to the running batch. Any error before the rows
+        join the batch fails this request only."""
         request = generation.request
-        ids = torch.tensor([request.prompt_ids], device=self.device)  # (1, T)
-        mask, positions = torch.ones_like(ids), torch.arange(ids.shape[1], device=self.device)[None]
-        rows = [_Row(generation, i, self._generator(request, i), position=ids.shape[1]) for i in range(request.n)]
         try:
+            ids = torch.tensor([request.prompt_ids], device=self.device)  # (1, T)
+            mask, positions = torch.ones_like(ids), torch.arange(ids.shape[1], device=self.device)[None]
+            rows = [_Row(generation, i, self._generator(request, i), position=ids.shape[1]) for i in range(request.n)]
             cache = self._new_cache()
             logits = self._forward(ids, mask, positions, cache, self._lam(rows[:1]))
             self.counters["prefills"] += 1
@@ -322,13 +382,15 @@ class HFEngine:
                 new.select([0] * request.n)
         except Exception as e:
             log.exception("prefill failed")
-            self._fail(rows, f"prefill failed: {type(e).__name__}: {e}")
+            self._fail_waiting([generation], f"prefill failed: {type(e).__name__}: {e}")
             return
+        # From here the rows are in the batch: a fault while merging caches is an engine fault
+        # (the batch may be half-merged), and fails them with the rest of the batch.
+        self._rows += rows
         if self._batch is None:
             self._batch = new
         else:
             self._batch.append(new)
-        self._rows += rows
         self._account()
         self._advance(rows, logits.expand(request.n, -1))
 
@@ -351,11 +413,17 @@ class HFEngine:
         self._advance(rows, logits)
 
     def _advance(self, rows: list[_Row], logits: torch.Tensor) -> None:
-        """Sample one token per live row from its (V,) logits and emit it."""
+        """Sample one token per live row from its (V,) logits and emit it. A row that cannot be
+        sampled fails its whole request (every row of it), and only that request."""
         for row, row_logits in zip(rows, logits):
             if row.gone:
                 continue
-            token = sample(row_logits, row.request, row.generator)
+            try:
+                token = sample(row_logits, row.request, row.generator)
+            except Exception as e:
+                log.warning("sampling failed for one request (%s: %s); failing that request", type(e).__name__, e)
+                self._fail_request(row.generation, f"sampling failed: {type(e).__name__}: {e}")
+                continue
             row.token, row.produced = token, row.produced + 1
             finish = "stop" if token in self.eos_ids else "length" if row.produced >= row.request.max_tokens else None
             row.finished = finish is not None
@@ -374,6 +442,14 @@ class HFEngine:
         else:
             self._batch = None
         self._account(finished)
+
+    def _fail_request(self, generation: Generation, message: str) -> None:
+        """End every live row of `generation` in the batch with an error event; `_prune` then
+        removes them (and counts them)."""
+        for r in self._rows:
+            if r.generation is generation and not r.gone:
+                r.generation.emit(TokenEvent(r.index, None, "error", message))
+                r.finished = True
 
     def _fail(self, rows: list[_Row], message: str) -> None:
         """End `rows`, which are no longer in the batch, with an error event each."""

@@ -45,10 +45,18 @@ def _show(value) -> str:
     return text if len(text) <= 80 else text[:77] + "..."
 
 
+def _is_union_tag(part) -> bool:
+    """pydantic names the member of a union in an error's location, e.g. `function-after[...]` or `list[str]`."""
+    return isinstance(part, str) and ("[" in part or part in ("str", "int", "float", "bool", "list", "dict"))
+
+
 def from_validation(exc: RequestValidationError) -> APIError:
     """The first problem pydantic found, as a 400 naming the field and the value."""
-    err = exc.errors()[0]
-    loc = [str(x) for x in err["loc"] if x != "body"]
+    errors = exc.errors()
+    # A union field (`str | list[str]`) reports one error per member; our own validators' messages
+    # (value errors) say more than "Input should be a valid string" about the member that did not apply.
+    err = next((e for e in errors if e["type"] == "value_error"), errors[0])
+    loc = [str(x) for x in err["loc"] if x != "body" and not _is_union_tag(x)]
     if err["type"] == "json_invalid":
         return APIError(400, f"the request body is not valid JSON ({err.get('ctx', {}).get('error', err['msg'])})")
     if not loc:
