@@ -364,6 +364,9 @@ def make_parser() -> argparse.ArgumentParser:
     s.add_argument("--max-concurrency", type=int, default=8, help="sequences decoded together in one batch")
     s.add_argument("--max-queue", type=int, default=64, help="sequences that may wait for a row; beyond that, 429")
     s.add_argument("--engine", choices=["hf", "vllm"], default="hf", help="hf: built-in batching engine; vllm: vLLM (needs aligndial[vllm])")
+    from aligndial.serve import limits as serve_limits  # standard library only: declaring the flags loads no server
+
+    serve_limits.add_flags(s)
     s.set_defaults(func=cmd_serve)
 
     w = sub.add_parser("sweep", help="generate at every λ, measure, plot, and choose λ (DeRa §5)")
