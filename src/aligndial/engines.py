@@ -1,0 +1,179 @@
+"""One engine interface for `generate`, `sweep` and `serve`: transformers (`hf`) or vLLM (`vllm`).
+
+    engine = load_engine(args)                          # the verb's model flags and `--engine`
+    rows = engine.rows(texts, lams, Settings(max_new_tokens=64))   # one row per (text, λ) pair
+    engine.close()
+
+A row is {"text", "token_ids" (generated ids, up to and including EOS), "tokens_per_second"},
+the same contract from both engines; greedy rows are equal token for token (tests/test_vllm_*).
+
+- `hf` (`TransformersEngine`): the mixed model of `aligndial.pair` / `aligndial.dualpath`; the rows
+  of a call with one λ are one `generate` (`aligndial.generation.generate_rows`).
+- `vllm` (`aligndial.vllm.run.VLLMBatchEngine`): the model flags exported to a directory vLLM loads,
+  and every (text, λ) of a call one request of one vLLM batch. Prefix caching shares a prompt's
+  KV blocks across the λ of a sweep: a path's KV does not depend on λ.
+
+`engine.scorer()` is the transformers mixed model that scores rows (KL, pairwise accuracy need
+the full next-token distribution of both paths, which vLLM does not return): the model itself on
+`hf`, loaded on first use on `vllm`. `serve(args, settings)` picks the server's engine the same way.
+Beyond `load_engine` / `serve`, no caller looks at `--engine`.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Protocol
+
+ENGINES = ("hf", "vllm")
+
+
+@dataclass
+class Settings:
+    """How rows are generated (the HF names; the vLLM engine translates them)."""
+
+    max_new_tokens: int = 64
+    do_sample: bool = False
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    seed: int | None = None
+    num_beams: int = 1
+    think_lam: float | None = None
+    add_special_tokens: bool = True
+
+
+class Engine(Protocol):
+    name: str
+    tokenizer: object
+    n_aligned: int  # aligned models mixed (0: a plain model, λ must be None)
+
+    def rows(self, texts: list[str], lams: list, settings: Settings) -> list[dict]:
+        """One row per (texts[i], lams[i]); λ is a number, a list (one weight per aligned model) or None."""
+
+    def batch_rows(self, requested: int) -> int:
+        """Rows per `rows` call in a sweep, given `--batch-size` (a sweep writes rows.jsonl after each call)."""
+
+    def scorer(self):
+        """The transformers mixed model for scoring rows."""
+
+    def close(self) -> None: ...
+
+
+def load_hf(args):
+    """(model, tokenizer, n_aligned) on transformers for the model flags in `args`; n_aligned 0 is a plain model."""
+    from aligndial.loading import device_maps_from_flags, load_causal_lm, load_tokenizer
+
+    if args.ref and args.model:
+        raise ValueError("Can't provide both `--ref` and `--model`. Choose one.")
+    if args.ref:
+        if not args.aligned:
+            raise ValueError("`--ref` needs at least one `--aligned` model")
+        from aligndial.pair import RealignedPair
+
+        device_map = device_maps_from_flags(getattr(args, "device_map", None), 1 + len(args.aligned))
+        pair = RealignedPair.from_pretrained(args.ref, args.aligned, args.dtype, getattr(args, "device", None),
+                                             args.trust_remote_code, device_map=device_map)
+        return pair, pair.tokenizer, len(args.aligned)
+    if not args.model:
+        raise ValueError("give `--ref R --aligned A` (DeRa pair) or `--model M [--adapter A]`")
+    if args.aligned:
+        raise ValueError("`--aligned` goes with `--ref`, not `--model`")
+    tok = load_tokenizer(args.model, args.trust_remote_code)
+    model = load_causal_lm(args.model, args.dtype, getattr(args, "device", None), args.trust_remote_code,
+                           device_map=device_maps_from_flags(getattr(args, "device_map", None), 1))
+    if getattr(args, "adapter", None):
+        from aligndial.dualpath import DualPathModel
+
+        return DualPathModel.from_adapter(model, args.adapter), tok, 1
+    return model, tok, 0
+
+
+class TransformersEngine:
+    """The `hf` engine: rows from `aligndial.generation.generate_rows` on a mixed model."""
+
+    name = "hf"
+
+    def __init__(self, model, tokenizer, n_aligned: int):
+        self.model, self.tokenizer, self.n_aligned = model, tokenizer, n_aligned
+
+    def rows(self, texts: list[str], lams: list, settings: Settings) -> list[dict]:
+        """One `generate` per distinct λ, over the rows with that λ. (One call with a per-row λ would
+        also mix exactly, but a pair stops every row at the EOS of any member some row runs.)"""
+        if settings.think_lam is not None and self.n_aligned != 1:
+            raise ValueError("`--think-lam` needs a mix with a single aligned model (`--aligned` or `--adapter`)")
+        keys = [json.dumps(lam) for lam in lams]
+        out: list = [None] * len(texts)
+        for key in dict.fromkeys(keys):
+            idx = [i for i, k in enumerate(keys) if k == key]
+            for i, row in zip(idx, self._generate([texts[i] for i in idx], lams[idx[0]], settings)):
+                out[i] = row
+        return out
+
+    def _generate(self, texts: list[str], lam, settings: Settings) -> list[dict]:
+        from aligndial.generation import generate_rows, span_schedule
+
+        gen = dict(max_new_tokens=settings.max_new_tokens, num_beams=settings.num_beams, do_sample=settings.do_sample)
+        if settings.do_sample:
+            gen.update(temperature=settings.temperature, top_p=settings.top_p, top_k=settings.top_k)
+        if settings.think_lam is not None:
+            lam = span_schedule(self.tokenizer, settings.think_lam, lam)
+        return generate_rows(self.model, self.tokenizer, texts, lam=lam, seed=settings.seed,
+                             add_special_tokens=settings.add_special_tokens, **gen)
+
+    def batch_rows(self, requested: int) -> int:
+        return requested
+
+    def scorer(self):
+        return self.model
+
+    def close(self) -> None:
+        pass
+
+
+def as_engine(model, tokenizer) -> Engine:
+    """`model` if it is an engine already, else the `hf` engine on a mixed model with one aligned source."""
+    if hasattr(model, "rows") and hasattr(model, "scorer"):
+        return model
+    return TransformersEngine(model, tokenizer, getattr(model, "n_aligned", 1))
+
+
+def check_args(args) -> str:
+    """The engine `args` choose, with every engine-specific flag checked before a model loads."""
+    engine = getattr(args, "engine", "hf") or "hf"
+    tp = getattr(args, "tensor_parallel_size", None)
+    if engine == "vllm":
+        from aligndial.lora_pair import refuse_vllm
+        from aligndial.vllm.run import check_installed
+
+        refuse_vllm(getattr(args, "aligned", None))  # a LoRA-aligned pair runs on hf only (docs/lora.md)
+        check_installed(args)
+        if getattr(args, "num_beams", 1) != 1:
+            raise ValueError("`--num-beams` is not supported with `--engine vllm`; use `--engine hf`")
+        if getattr(args, "think_lam", None) is not None:
+            raise ValueError("`--think-lam` (λ changing inside a response) is not supported with `--engine vllm`; "
+                             "use `--engine hf`")
+        if tp is not None and tp < 1:
+            raise ValueError(f"`--tensor-parallel-size` must be ≥ 1; got {tp}")
+    elif tp not in (None, 1):
+        raise ValueError("`--tensor-parallel-size` applies to `--engine vllm`; the hf engine runs on one device")
+    return engine
+
+
+def load_engine(args, default_lam=None) -> Engine:
+    """The engine for a verb's model flags. `default_lam` is what a vLLM export uses for requests
+    without λ (needed with several aligned models; every row of `rows` gives its own λ)."""
+    if check_args(args) == "vllm":
+        from aligndial.vllm.run import VLLMBatchEngine
+
+        return VLLMBatchEngine.from_args(args, default_lam)
+    return TransformersEngine(*load_hf(args))
+
+
+def serve(args, settings) -> int:
+    """`aligndial serve` on the engine `args` choose (the same app, routes and validation on both)."""
+    from aligndial.serve import run, run_vllm
+
+    if check_args(args) == "vllm":
+        return run_vllm(args, settings)
+    return run(*load_hf(args), settings)

