@@ -12,6 +12,7 @@ Layouts, one per supported model kind (`row_blocks` names them):
 
 - a plain causal LM: a DynamicCache, B rows in every layer;
 - a DeRa pair: a `PairCache` of one DynamicCache per member, B rows each;
+- a LoRA pair: a `LoraPairCache`, [ref rows; adapter-1 rows; …] in every layer;
 - a dual-path model: a `DualPathCache` whose n adapter layers hold the B aligned rows and whose
   shared layers hold 2B rows, [base rows; aligned rows]. Each half is merged and selected on
   its own, so row i stays at i and B + i. (The engine always runs with `run_all=True`, so the
@@ -38,8 +39,8 @@ def row_blocks(cache) -> list[tuple[DynamicLayer, int]]:
         layers = [(layer, 1 if i < cache.n_adapter else 2) for i, layer in enumerate(cache.layers)]
     elif isinstance(cache, PairCache):
         layers = [(layer, 1) for member in cache.caches for layer in member.layers]
-    elif isinstance(cache, DynamicCache):
-        layers = [(layer, 1) for layer in cache.layers]
+    elif isinstance(cache, DynamicCache):  # a LoraPairCache holds n row blocks in every layer
+        layers = [(layer, getattr(cache, "row_blocks", 1)) for layer in cache.layers]
     else:
         raise TypeError(f"the batching engine supports DynamicCache, PairCache and DualPathCache; got {type(cache).__name__}")
     for i, (layer, _) in enumerate(layers):

@@ -1,0 +1,330 @@
+"""DeRa at the memory of one model: the aligned models are PEFT LoRA adapters on the reference.
+
+A DeRa pair (`aligndial.pair`) holds two full models and runs them one after the other. When
+the aligned model is the reference plus a LoRA adapter (TRL's DPO with `peft_config`, or
+`aligndial train dpo --lora-rank`), both live in ONE base model: each decode step is one
+forward of (K+1)·B rows, where rows [0, B) are the reference (adapters off) and rows
+[k·B, (k+1)·B) are aligned model k (adapter k on). Every LoRA linear runs its base weight once
+on all rows and adds adapter k's low-rank term to its own rows only (`_routed`). Then:
+
+- if the head is a shared linear map with no soft-capping and two row blocks are live, the
+  final hidden states are mixed and the head runs once on B rows (W(Σ w_i·x_i) = Σ w_i·W x_i
+  because the weights sum to one: DeRa Eq. 9 at the cost of one head), as the dual path does;
+- otherwise (K ≥ 2 live adapters, a LoRA on the head, Gemma's soft-cap) the head runs on all
+  rows and the logits are mixed (DeRa App. B).
+
+Both mixes go through `aligndial.mixing`. Only sources with a non-zero weight in some row get
+rows: λ=0 is the plain base (every LoRA layer returns its base layer's output, bit for bit),
+λ=1 is B adapted rows, computed by exactly PEFT's operations (bit for bit PEFT's own forward;
+the model made by `merge_and_unload` agrees to float rounding, since merging adds B·A into W).
+
+Weak-to-strong steering (proxy-tuning / EFT) is the full-model pair with K=2 and weights
+(λ, −λ); see docs/lora.md.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from torch import nn
+from transformers import DynamicCache
+from transformers.modeling_outputs import CausalLMOutputWithPast
+
+from aligndial.generation import MixedLM
+from aligndial.loading import load_causal_lm, load_tokenizer
+from aligndial.mixing import LamLike, active_sources, mix_hidden, mix_logits
+
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
+ROUTINGS = ("rows", "peft")
+
+VLLM_REFUSAL = (
+    "a LoRA adapter as `--aligned` runs only on the transformers engine: vLLM applies one LoRA to all of a "
+    "request's tokens, and DeRa needs the same request's reference rows (adapter off) and aligned rows (adapter "
+    "on) in one step. Drop `--engine vllm`, or merge the adapter into a full model (PEFT's merge_and_unload) and "
+    "pass that as `--aligned`."
+)
+
+
+def adapter_kind(path: str | Path) -> str | None:
+    """The `peft_type` of a PEFT adapter directory ("LORA", ...), None if `path` is not one."""
+    config = Path(path).expanduser() / ADAPTER_CONFIG
+    try:
+        return json.loads(config.read_text()).get("peft_type")
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
+def is_lora_dir(path) -> bool:
+    return isinstance(path, (str, Path)) and adapter_kind(path) == "LORA"
+
+
+def lora_base(path: str | Path) -> str | None:
+    """`base_model_name_or_path` recorded in a PEFT adapter directory."""
+    return json.loads((Path(path).expanduser() / ADAPTER_CONFIG).read_text()).get("base_model_name_or_path")
+
+
+def check_lora_dir(path: str) -> None:
+    """A LoRA adapter directory we can load: peft_type LORA, safetensors weights (never pickle)."""
+    kind = adapter_kind(path)
+    if kind != "LORA":
+        raise ValueError(f"`--aligned {path}` is a PEFT {kind} adapter; only LoRA adapters can be mixed in one model. "
+                         "Merge it into a full model and pass that as `--aligned`.")
+    if not (Path(path).expanduser() / ADAPTER_WEIGHTS).is_file():
+        raise OSError(f"{path}: no {ADAPTER_WEIGHTS}. aligndial never unpickles weights; re-save the adapter with "
+                      "`model.save_pretrained(dir)` (PEFT writes safetensors by default).")
+
+
+def refuse_vllm(aligned) -> None:
+    """vLLM cannot serve a LoRA-aligned pair (see VLLM_REFUSAL and docs/lora.md)."""
+    if any(is_lora_dir(a) for a in aligned or []):
+        raise ValueError(VLLM_REFUSAL)
+
+
+class LoraPairCache(DynamicCache):
+    """A DynamicCache of R = n·B rows in every layer: row block i holds source `sources[i]`
+    (0 the reference, k adapter k). The layout is fixed by the first forward."""
+
+    def __init__(self, config):
+        super().__init__(config=config)
+        self.sources: list[int] | None = None
+
+    @property
+    def row_blocks(self) -> int:
+        return len(self.sources) if self.sources else 1
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        n = beam_idx.shape[0]
+        super().reorder_cache(torch.cat([beam_idx + i * n for i in range(self.row_blocks)]))
+
+
+class _Rows:
+    """Which rows each adapter owns in the current forward: `spans` of (adapter, start, stop).
+    `spans` None means "not inside a LoraPair forward": PEFT's own forward runs."""
+
+    def __init__(self):
+        self.spans: list[tuple[str, int, int]] | None = None
+        self.peft_names: list[str] | None = None  # routing "peft": one adapter name per row
+
+
+_ROUTED_CLASS: list[type] = []
+
+
+def _routed_class() -> type:
+    """PEFT's `lora.Linear` with each adapter's low-rank term added to its own rows only.
+
+    Per span it performs exactly PEFT's operations for vanilla LoRA (cast x to the adapter's
+    dtype, `result + lora_B(lora_A(dropout(x))) * scaling`, cast back), so a forward whose one
+    span covers every row is bit for bit PEFT's forward, and no span is the base layer alone.
+    A class (swapped in) rather than an instance `forward`, so copies of the model stay routed
+    by their own `_Rows`."""
+    if not _ROUTED_CLASS:
+        from peft.tuners.lora import Linear as LoraLinear
+
+        class RowRoutedLoraLinear(LoraLinear):
+            def forward(self, x, *args, **kwargs):
+                rows = self._aligndial_rows
+                if rows.spans is None:  # not inside a LoraPair forward: PEFT's own
+                    return super().forward(x, *args, **kwargs)
+                if rows.peft_names is not None:
+                    return super().forward(x, *args, adapter_names=rows.peft_names, **kwargs)
+                result = self.base_layer(x, *args, **kwargs)
+                for name, start, stop in rows.spans:
+                    lora_a, lora_b = self.lora_A[name], self.lora_B[name]
+                    xs = x[start:stop].to(lora_a.weight.dtype)
+                    part = result[start:stop] + lora_b(lora_a(self.lora_dropout[name](xs))) * self.scaling[name]
+                    if start == 0 and stop == result.shape[0]:
+                        return part.to(result.dtype)
+                    result[start:stop] = part.to(result.dtype)
+                return result
+
+        _ROUTED_CLASS.append(RowRoutedLoraLinear)
+    return _ROUTED_CLASS[0]
+
+
+def _check_supported(model, names: list[str]) -> list[nn.Module]:
+    """The PEFT LoRA layers of `model`; refuse what the row routing does not reproduce exactly."""
+    from peft.tuners.lora import Linear as LoraLinear
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    layers = []
+    for path, module in model.named_modules():
+        if not isinstance(module, BaseTunerLayer):
+            if type(module).__name__ in ("ModulesToSaveWrapper", "TrainableTokensWrapper"):
+                raise ValueError(f"the adapter trains whole modules ({path}: `modules_to_save` or trainable tokens); "
+                                 "only LoRA on linear layers is mixed in one model. Merge it and pass a full model.")
+            continue
+        if not isinstance(module, LoraLinear):
+            raise ValueError(f"{path} is a {type(module).__name__}; only LoRA on linear layers is mixed in one model "
+                             "(no LoRA on embeddings or convolutions). Merge it and pass a full model.")
+        variants = [n for n in names if n in getattr(module, "lora_variant", {}) or getattr(module, "use_dora", {}).get(n)]
+        if variants:
+            raise ValueError(f"{path} uses a LoRA variant (DoRA or similar) in {variants}; only plain LoRA is mixed in "
+                             "one model. Merge it and pass a full model.")
+        layers.append(module)
+    if not layers:
+        raise ValueError("the adapter holds no LoRA layer")
+    return layers
+
+
+class _Source:
+    """One source of a LoraPair as a causal LM callable (`members`): the base model with that
+    source's adapter only (none for the reference). Not a module: it owns no weights."""
+
+    def __init__(self, pair: "LoraPair", index: int):
+        self.pair, self.index = pair, index
+        self.config = pair.base.config
+
+    def get_output_embeddings(self):
+        return self.pair.base.get_output_embeddings()
+
+    def __call__(self, input_ids=None, **kwargs):
+        lam = [1.0 if k == self.index else 0.0 for k in range(1, self.pair.n_aligned + 1)]
+        return self.pair(input_ids, lam=lam if len(lam) > 1 else lam[0], **kwargs)
+
+
+class LoraPair(MixedLM):
+    """A base model (the reference) + K LoRA adapters (the aligned models) in one forward.
+
+    >>> pair = LoraPair.from_pretrained("sft-model", "dpo-lora/")      # or RealignedPair.from_pretrained
+    >>> pair.generate(**pair.tokenizer(["Hi"], return_tensors="pt"), lam=0.5, max_new_tokens=20)
+
+    `routing` "rows" (default) adds each adapter's term to its contiguous row block; "peft"
+    uses PEFT's mixed-adapter batches (`adapter_names` with "__base__"), kept to measure the two
+    side by side (benchmarks/lora_pair_speed.py)."""
+
+    def __init__(self, model, adapter_names: list[str], tokenizer=None, names: list[str] | None = None,
+                 routing: str = "rows"):
+        if routing not in ROUTINGS:
+            raise ValueError(f"`routing` must be one of {ROUTINGS}; got {routing!r}")
+        super().__init__(model.config)
+        self.base = model
+        self.adapter_names = list(adapter_names)
+        self.n_aligned = len(adapter_names)
+        self.tokenizer = tokenizer
+        self.names = names or ["ref"] + [f"aligned[{i}]" for i in range(self.n_aligned)]
+        self.routing = routing
+        self.generation_config = model.generation_config
+        self._rows = _Rows()
+        lora_layers = _check_supported(model, self.adapter_names)
+        routed = _routed_class()
+        for layer in lora_layers:
+            layer.__class__ = routed
+            layer._aligndial_rows = self._rows
+        head = model.get_output_embeddings()
+        # Mixing hidden states before the head is exact only for one plain linear head (a LoRA
+        # on the head makes it differ per source; Gemma's soft-cap makes it non-linear).
+        self.mix_before_head = (
+            type(head) is nn.Linear and getattr(model.config, "final_logit_softcapping", None) is None
+        )
+
+    @classmethod
+    def from_pretrained(cls, ref: str | None, aligned: str | list[str], dtype=None, device=None,
+                        trust_remote_code: bool = False, routing: str = "rows") -> "LoraPair":
+        """`ref` (None: the first adapter's `base_model_name_or_path`) with each LoRA directory of
+        `aligned` loaded onto it through PEFT. Tokenizers saved with an adapter must match ref's."""
+        from aligndial.pair import check_tokenizers
+
+        aligned = [aligned] if isinstance(aligned, (str, Path)) else list(aligned)
+        for path in aligned:
+            check_lora_dir(path)
+        ref = ref or lora_base(aligned[0])
+        if not ref:
+            raise ValueError(f"{aligned[0]} records no base_model_name_or_path; pass the base model as `--ref`")
+        try:
+            from peft import PeftModel
+        except ImportError:
+            raise ImportError("a LoRA adapter as the aligned model needs PEFT: pip install 'aligndial[train]'") from None
+        tokenizer = load_tokenizer(ref, trust_remote_code)
+        for path in aligned:
+            if any((Path(path).expanduser() / f).is_file() for f in TOKENIZER_FILES):
+                check_tokenizers(tokenizer, load_tokenizer(path, trust_remote_code), ref, path)
+        model = load_causal_lm(ref, dtype, device, trust_remote_code)
+        names = [f"aligned{k}" for k in range(len(aligned))]
+        peft_model = PeftModel.from_pretrained(model, aligned[0], adapter_name=names[0], is_trainable=False)
+        for name, path in zip(names[1:], aligned[1:]):
+            peft_model.load_adapter(path, adapter_name=name, is_trainable=False)
+        inner = peft_model.base_model.model  # the transformers model, LoRA layers in place
+        return cls(inner.eval(), names, tokenizer, names=[ref, *map(str, aligned)], routing=routing).eval()
+
+    @property
+    def members(self) -> list[_Source]:
+        """[ref, aligned_1, …] as separate callables, like `RealignedPair.members` (e.g. for a
+        distillation loss that mixes the members' logits itself); each runs B rows."""
+        return [_Source(self, i) for i in range(self.n_aligned + 1)]
+
+    def new_cache(self) -> LoraPairCache:
+        return LoraPairCache(self.base.config)
+
+    def prepare_inputs_for_generation(self, input_ids, lam=None, lam_schedule=None, **kwargs):
+        inputs = self.base.prepare_inputs_for_generation(input_ids, **kwargs)
+        inputs["lam"], inputs["run_all"] = self.step_lam(input_ids, lam, lam_schedule)
+        return inputs
+
+    def _sources(self, lam: torch.Tensor, run_all: bool, cache: LoraPairCache | None) -> list[int]:
+        """The sources that get rows: those with a non-zero weight (all with `run_all`), or the
+        cache's layout once it has one (a superset: extra sources just get weight 0)."""
+        wanted = list(range(self.n_aligned + 1)) if run_all else [i for i, on in enumerate(active_sources(lam)) if on]
+        if cache is None or not isinstance(cache, LoraPairCache):
+            return wanted
+        if cache.sources is None:
+            cache.sources = wanted
+        elif not set(wanted) <= set(cache.sources):
+            raise ValueError(f"this cache holds rows for sources {cache.sources} only, but λ gives weight to {wanted}; "
+                             "start a new cache, or pass run_all=True from the first step")
+        return cache.sources
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        past_key_values: LoraPairCache | None = None,
+        lam: LamLike | None = None,
+        logits_to_keep: int = 0,
+        use_cache: bool | None = None,
+        run_all: bool = False,
+        return_dict: bool = True,
+        **kwargs,
+    ) -> CausalLMOutputWithPast:
+        """Mixed logits (B, T, V). `run_all` gives every source its rows even where its weight
+        is 0 (a λ schedule or a server's rows may change λ later, and need complete caches)."""
+        b = input_ids.shape[0]
+        lam = self.resolve_lam(lam, b)
+        if past_key_values is None and use_cache:
+            past_key_values = self.new_cache()
+        sources = self._sources(lam, run_all, past_key_values)
+        n = len(sources)
+        inputs = dict(attention_mask=attention_mask, position_ids=position_ids, past_key_values=past_key_values,
+                      use_cache=use_cache, **kwargs)
+        if n > 1:
+            inputs = {k: torch.cat([v] * n) if isinstance(v, torch.Tensor) and v.ndim and v.shape[0] == b else v
+                      for k, v in inputs.items()}
+            input_ids = torch.cat([input_ids] * n)
+        self._rows.spans = [(self.adapter_names[s - 1], i * b, (i + 1) * b) for i, s in enumerate(sources) if s > 0]
+        if self.routing == "peft":
+            self._rows.peft_names = [
+                "__base__" if s == 0 else self.adapter_names[s - 1] for s in sources for _ in range(b)
+            ]
+        try:
+            if n == 1:  # λ=0 or λ=1 in every row: exactly the base model, or exactly the adapted one
+                logits = self.base(input_ids=input_ids, logits_to_keep=logits_to_keep, **inputs).logits
+            else:
+                if self.mix_before_head and n == 2:
+                    hidden = self.base.base_model(input_ids=input_ids, **inputs).last_hidden_state
+                    if logits_to_keep:
+                        hidden = hidden[:, -logits_to_keep:]
+                    # Two live blocks [s0, s1]: the weight of s1 is its λ, and s0's is 1 − λ (Eq. 9).
+                    logits = self.base.get_output_embeddings()(mix_hidden(hidden[:b], hidden[b:], lam[:, sources[1] - 1]))
+                else:
+                    both = self.base(input_ids=input_ids, logits_to_keep=logits_to_keep, **inputs).logits
+                    per_source = [None] * (self.n_aligned + 1)
+                    for i, s in enumerate(sources):
+                        per_source[s] = both[i * b : (i + 1) * b]
+                    logits = mix_logits(per_source[0], per_source[1:], lam.to(both.device))
+        finally:
+            self._rows.spans = self._rows.peft_names = None
+        return CausalLMOutputWithPast(logits=logits, past_key_values=past_key_values)

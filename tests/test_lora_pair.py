@@ -1,0 +1,352 @@
+"""The LoRA pair (one base model, (K+1)·B rows per step) against the full pair built by merging
+each adapter into a second model (PEFT's merge_and_unload): greedy tokens equal and mixed
+log-probs within 1e-5 in fp32. λ=0 is the plain base and λ=1 PEFT's own adapted forward, bit
+for bit. Then every place a pair works: beams, K=2, the CLI, the server, the distill teacher,
+lm-eval; and weak-to-strong steering (K=2 full models at (λ, −λ)) against float64."""
+
+import json
+import os
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+import torch
+from peft import LoraConfig, PeftModel, get_peft_model
+from transformers import AutoModelForCausalLM
+
+from aligndial.cli import main
+from aligndial.lora_pair import LoraPair, LoraPairCache, is_lora_dir
+from aligndial.pair import RealignedPair
+from aligndial.tiny import build_model, build_tokenizer, save
+
+LAMS = [-1.0, 0.0, 0.5, 1.0, 2.0]
+TOL = 1e-5
+
+
+def plain(path):
+    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+
+
+def make_lora(base_dir, out, seed, targets="all-linear", scale=0.1):
+    """A trained-looking LoRA (random B, not PEFT's zero init, scaled so the adapted model stays
+    a moderate change of the base, as a DPO adapter is) saved as a PEFT directory."""
+    torch.manual_seed(seed)
+    model = get_peft_model(plain(base_dir), LoraConfig(r=4, lora_alpha=8, target_modules=targets, init_lora_weights=False))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.mul_(scale)
+    model.save_pretrained(out)
+    return str(out)
+
+
+def merged(base_dir, lora_dir, untie=False):
+    """The adapter merged into a second full model. `untie`: give the head its own copy of the
+    tied embedding first, so merging a LoRA on the head does not also change the embeddings."""
+    model = plain(base_dir)
+    if untie:
+        model.lm_head.weight = torch.nn.Parameter(model.lm_head.weight.detach().clone())
+        model.config.tie_word_embeddings = False
+    return PeftModel.from_pretrained(model, lora_dir).merge_and_unload().eval()
+
+
+def full_pair(base_dir, lora_dirs, tok, untie=False):
+    return RealignedPair(plain(base_dir), [merged(base_dir, d, untie) for d in lora_dirs], tok).eval()
+
+
+def masked_logps(model, enc, lam):
+    with torch.no_grad():
+        logps = torch.log_softmax(model(**enc, lam=lam).logits.float(), -1)
+    return logps[enc["attention_mask"].bool()]
+
+
+def assert_close_logps(got, expected, what=""):
+    """Within 1e-5, absolute for log-probs near 0 and relative for large negative ones (a
+    log-prob of −150 carries float32 rounding of ~1e-5 whichever way it is computed: mixing hidden
+    states before the head here, logits after two heads in the full pair)."""
+    err = ((got - expected).abs() / expected.abs().clamp(min=1.0)).max().item()
+    assert err <= TOL, f"{what}: mixed log-probs differ by {err:.3g} (relative; largest |logp| {expected.abs().max():.1f})"
+
+
+def assert_equals_full_pair(lora, full, enc, lams, new_tokens=10, **gen):
+    for lam in lams:
+        assert_close_logps(masked_logps(lora, enc, lam), masked_logps(full, enc, lam), f"λ={lam}")
+        kw = dict(max_new_tokens=new_tokens, do_sample=False, **gen)
+        got, expected = lora.generate(**enc, lam=lam, **kw), full.generate(**enc, lam=lam, **kw)
+        assert torch.equal(got, expected), f"λ={lam}: greedy tokens differ"
+
+
+@pytest.fixture(scope="module")
+def llama_lora(model_dirs, tmp_path_factory):
+    """(base dir, [two LoRA dirs]) on the tiny Llama."""
+    base = model_dirs["llama"][0]
+    root = tmp_path_factory.mktemp("lora")
+    return base, [make_lora(base, root / "a", seed=1), make_lora(base, root / "b", seed=2)]
+
+
+@pytest.fixture(scope="module")
+def qwen3_lora(replicas, tmp_path_factory):
+    """(base dir, LoRA on every linear, LoRA on every linear and the tied head) on the Qwen3 replica."""
+    base = replicas.qwen3("base", dtype="float32")
+    root = tmp_path_factory.mktemp("qwen3-lora")
+    targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "lm_head"]
+    return base, make_lora(base, root / "linear", seed=3), make_lora(base, root / "head", seed=4, targets=targets)
+
+
+def test_from_pretrained_gives_one_base_model_with_the_adapter(llama_lora, tok):
+    base, (a, _) = llama_lora
+    assert is_lora_dir(a) and not is_lora_dir(base)
+    pair = RealignedPair.from_pretrained(base, a)
+    assert isinstance(pair, LoraPair) and pair.n_aligned == 1
+    n_base = sum(p.numel() for p in plain(base).parameters())
+    n_pair = sum(p.numel() for p in pair.parameters())
+    assert n_base < n_pair < 1.2 * n_base  # one model plus the low-rank factors, not two models
+
+
+def test_llama_equals_merged_full_pair(llama_lora, tok, prompts):
+    base, (a, _) = llama_lora
+    enc = tok(prompts, return_tensors="pt", padding=True)  # batch 3, left padding
+    assert enc["attention_mask"].min() == 0
+    assert_equals_full_pair(RealignedPair.from_pretrained(base, a), full_pair(base, [a], tok), enc, LAMS)
+
+
+def test_lora_changes_the_model(llama_lora, tok, prompts):
+    """The equality above is not vacuous: the adapter moves the greedy tokens."""
+    base, (a, _) = llama_lora
+    pair = LoraPair.from_pretrained(base, a)
+    enc = tok(prompts, return_tensors="pt", padding=True)
+    kw = dict(max_new_tokens=10, do_sample=False)
+    assert not torch.equal(pair.generate(**enc, lam=0.0, **kw), pair.generate(**enc, lam=1.0, **kw))
+
+
+def test_lam_zero_is_the_plain_base_and_lam_one_peft_bit_for_bit(llama_lora, tok, prompts):
+    base, (a, _) = llama_lora
+    pair = LoraPair.from_pretrained(base, a)
+    peft_model = PeftModel.from_pretrained(plain(base), a).eval()
+    enc = tok(prompts, return_tensors="pt", padding=True)
+    kw = dict(max_new_tokens=10, do_sample=False)
+    with torch.no_grad():
+        assert torch.equal(pair(**enc, lam=0.0).logits, plain(base)(**enc).logits)
+        assert torch.equal(pair(**enc, lam=1.0).logits, peft_model(**enc).logits)
+    assert torch.equal(pair.generate(**enc, lam=0.0, **kw), plain(base).generate(**enc, **kw))
+    assert torch.equal(pair.generate(**enc, lam=1.0, **kw), peft_model.generate(**enc, **kw))
+
+
+def test_beams_and_per_row_lam(llama_lora, tok, prompts):
+    base, (a, _) = llama_lora
+    lora, full = LoraPair.from_pretrained(base, a), full_pair(base, [a], tok)
+    enc = tok(prompts, return_tensors="pt", padding=True)
+    assert_equals_full_pair(lora, full, enc, [0.5, torch.tensor([0.0, 0.7, 2.0])], num_beams=3)
+
+
+def test_two_adapters_run_as_three_row_blocks(llama_lora, tok, prompts):
+    base, loras = llama_lora
+    lora, full = LoraPair.from_pretrained(base, loras), full_pair(base, loras, tok)
+    enc = tok(prompts, return_tensors="pt", padding=True)
+    cache = lora.new_cache()
+    with torch.no_grad():
+        lora(**enc, lam=[0.5, 0.25], past_key_values=cache, use_cache=True)
+    assert cache.sources == [0, 1, 2] and cache.layers[0].keys.shape[0] == 3 * len(prompts)
+    # Both mixed, one alone, two without the reference (two blocks, mixed before the head), steering.
+    assert_equals_full_pair(lora, full, enc, [[0.5, 0.25], [0.0, 1.0], [1.0, 0.0], [0.6, 0.4], [1.5, -1.5]])
+
+
+def test_qwen3_replica_equals_merged_full_pair(qwen3_lora, prompts):
+    base, linear, _ = qwen3_lora
+    lora = RealignedPair.from_pretrained(base, linear)
+    assert isinstance(lora, LoraPair) and lora.mix_before_head
+    enc = lora.tokenizer(prompts, return_tensors="pt", padding=True)
+    assert_equals_full_pair(lora, full_pair(base, [linear], lora.tokenizer), enc, LAMS, new_tokens=8)
+
+
+def test_qwen3_lora_on_the_tied_head(qwen3_lora, prompts):
+    """A LoRA on a tied head adapts the head only (the embeddings stay the base's): the head
+    differs per row block, so logits are mixed after it. The oracle merges into an untied copy,
+    since merging into the tied weight would change the embeddings too."""
+    base, _, head = qwen3_lora
+    lora = LoraPair.from_pretrained(base, head)
+    assert not lora.mix_before_head
+    enc = lora.tokenizer(prompts, return_tensors="pt", padding=True)
+    assert_equals_full_pair(lora, full_pair(base, [head], lora.tokenizer, untie=True), enc, LAMS, new_tokens=8)
+
+
+@pytest.mark.slow
+def test_adapter_trained_by_train_dpo_lora_rank(model_dirs, tok, prompts, tmp_path, capsys):
+    base = model_dirs["llama"][0]
+    data = tmp_path / "prefs.jsonl"
+    data.write_text("".join(json.dumps({"prompt": f"Question {i}: is the fox quick?", "chosen": " Yes, step by step.",
+                                        "rejected": " No."}) + "\n" for i in range(8)))
+    out = tmp_path / "dpo-lora"
+    code = main(["train", "dpo", "--model", base, "--data", str(data), "--out", str(out), "--lora-rank", "8",
+                 "--max_steps", "3", "--per_device_train_batch_size", "4", "--learning_rate", "0.05", "--json"])
+    assert code == 0, capsys.readouterr().err
+    config = json.loads((out / "adapter_config.json").read_text())
+    assert config["peft_type"] == "LORA" and config["r"] == 8 and (out / "adapter_model.safetensors").is_file()
+    lora = RealignedPair.from_pretrained(base, str(out))
+    assert isinstance(lora, LoraPair)
+    trained = [p for n, p in lora.named_parameters() if "lora_B" in n]
+    assert trained and any(p.abs().max() > 0 for p in trained)  # B moved away from PEFT's zero init
+    enc = tok(prompts, return_tensors="pt", padding=True)
+    assert_equals_full_pair(lora, full_pair(base, [str(out)], tok), enc, LAMS)
+
+
+def test_cli_generate_with_a_lora_dir(llama_lora, tok, capsys):
+    base, (a, _) = llama_lora
+    code = main(["generate", "--ref", base, "--aligned", a, "--lam", "0.5", "--lam", "2", "--prompt", "Hello",
+                 "--prompt", "The quick brown fox", "--max-new-tokens", "8", "--json"])
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    rows = [json.loads(line) for line in out.splitlines()]
+    full = full_pair(base, [a], tok)
+    for row in rows:
+        enc = tok([row["prompt"]], return_tensors="pt")
+        expected = full.generate(**enc, lam=row["lam"], max_new_tokens=8, do_sample=False)[0, enc["input_ids"].shape[1]:]
+        assert row["token_ids"] == expected.tolist()[: len(row["token_ids"])]
+
+
+def test_cli_refuses_what_it_cannot_mix(llama_lora, tmp_path, capsys):
+    base, (a, _) = llama_lora
+    code = main(["generate", "--ref", base, "--aligned", a, "--aligned", base, "--prompt", "Hi", "--lam", "0.5,0.5"])
+    assert code == 2 and "mixes LoRA adapter directories and full models" in capsys.readouterr().err
+    ia3 = tmp_path / "ia3"
+    ia3.mkdir()
+    (ia3 / "adapter_config.json").write_text(json.dumps({"peft_type": "IA3", "base_model_name_or_path": base}))
+    with pytest.raises(ValueError, match="PEFT IA3 adapter; only LoRA"):
+        LoraPair.from_pretrained(base, str(ia3))
+    pickled = tmp_path / "pickled"
+    pickled.mkdir()
+    (pickled / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "base_model_name_or_path": base}))
+    with pytest.raises(OSError, match="no adapter_model.safetensors"):
+        LoraPair.from_pretrained(base, str(pickled))
+    for argv in (["generate", "--engine", "vllm"], ["serve", "--engine", "vllm"]):
+        code = main([*argv, "--ref", base, "--aligned", a, *(["--prompt", "Hi"] if argv[0] == "generate" else [])])
+        assert code == 2 and "runs only on the transformers engine" in capsys.readouterr().err
+
+
+def test_server_one_prompt_at_two_lam(llama_lora, tok):
+    from aligndial.serve import HFEngine
+    from test_serve import NAME, Server
+
+    base, (a, _) = llama_lora
+    lora = RealignedPair.from_pretrained(base, a)
+    full = full_pair(base, [a], tok)
+    enc = tok(["The quick brown fox"], return_tensors="pt")
+    with Server(HFEngine(lora, lora.tokenizer, 1, max_concurrency=4, max_queue=4)) as server:
+        client = server.client()
+
+        def ask(lam):
+            r = client.completions.create(model=NAME, prompt="The quick brown fox", max_tokens=10, temperature=0,
+                                          extra_body={"alignment_strength": lam, "return_token_ids": True})
+            return r.choices[0].model_extra["token_ids"]
+
+        with ThreadPoolExecutor(2) as pool:  # concurrent: both λ share decode steps
+            got = dict(zip((0.5, 2.0), pool.map(ask, (0.5, 2.0))))
+    for lam, ids in got.items():
+        expected = full.generate(**enc, lam=lam, max_new_tokens=10, do_sample=False)[0, enc["input_ids"].shape[1]:]
+        assert ids == expected.tolist()[: len(ids)], f"λ={lam}"
+    assert got[0.5] != got[2.0]
+
+
+def test_distill_teacher_is_the_lora_pair(llama_lora, tok, prompts):
+    from aligndial.train.distill import MixedTeacher, teacher_pair
+
+    base, (a, _) = llama_lora
+    pair = teacher_pair(base, a, tok)
+    assert isinstance(pair, LoraPair)
+    enc = tok(prompts, return_tensors="pt", padding=True)
+    with torch.no_grad():
+        got = MixedTeacher(pair, 1.5)(**enc).logits
+        expected = MixedTeacher(full_pair(base, [a], tok), 1.5)(**enc).logits
+    mask = enc["attention_mask"].bool()
+    assert_close_logps(torch.log_softmax(got, -1)[mask], torch.log_softmax(expected, -1)[mask], "teacher")
+
+
+def test_lm_eval_model_type_takes_a_lora_dir(llama_lora, tok):
+    from aligndial.lmeval import AligndialLM
+
+    base, (a, _) = llama_lora
+    lm = AligndialLM(ref=base, aligned=a, lam=0.5, batch_size=1, device="cpu")
+    assert isinstance(lm.model, LoraPair)
+    enc = tok(["The quick brown fox"], return_tensors="pt")
+    with torch.no_grad():
+        got = torch.log_softmax(lm._model_call(enc["input_ids"]), -1)
+        expected = torch.log_softmax(full_pair(base, [a], tok)(**enc, lam=0.5).logits, -1)
+    assert_close_logps(got[0], expected[0], "lm-eval")
+
+
+def test_cache_rows_follow_the_sources(llama_lora, tok):
+    base, (a, _) = llama_lora
+    pair = LoraPair.from_pretrained(base, a)
+    enc = tok(["Hello", "The quick"], return_tensors="pt", padding=True)
+    for lam, sources in ((0.0, [0]), (1.0, [1]), (0.5, [0, 1])):
+        cache = pair.new_cache()
+        with torch.no_grad():
+            pair(**enc, lam=lam, past_key_values=cache, use_cache=True)
+        assert isinstance(cache, LoraPairCache) and cache.sources == sources
+        assert cache.layers[0].keys.shape[0] == 2 * len(sources)
+    with pytest.raises(ValueError, match="holds rows for sources"):
+        pair(**enc, lam=0.5, past_key_values=cache_of(pair, enc, 0.0), use_cache=True)
+
+
+def cache_of(pair, enc, lam):
+    cache = pair.new_cache()
+    with torch.no_grad():
+        pair(**enc, lam=lam, past_key_values=cache, use_cache=True)
+    return cache
+
+
+# --- weak-to-strong steering (proxy-tuning / EFT) ------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def steering_dirs(tok, tmp_path_factory):
+    """A larger reference and a small (tuned, base) pair over one tokenizer."""
+    root = tmp_path_factory.mktemp("steer")
+    large = save(build_model("llama", tok, seed=10, hidden=128, layers=3), tok, root / "large")
+    small_base = save(build_model("llama", tok, seed=11), tok, root / "small-base")
+    small_tuned = save(build_model("llama", tok, seed=12), tok, root / "small-tuned")
+    return str(large), str(small_tuned), str(small_base)
+
+
+def float64_steered_greedy(large, tuned, small, ids, lam, steps):
+    """h_large + λ·(h_tuned − h_base), recomputed without a cache and mixed in float64."""
+    for _ in range(steps):
+        with torch.no_grad():
+            h = [m(ids).logits[:, -1].double() for m in (large, tuned, small)]
+        ids = torch.cat([ids, (h[0] + lam * (h[1] - h[2])).argmax(-1, keepdim=True)], dim=-1)
+    return ids
+
+
+@pytest.mark.parametrize("lam", [0.5, 1.0, 2.0])
+def test_steering_matches_float64(steering_dirs, tok, prompts, lam):
+    large, tuned, small = steering_dirs
+    pair = RealignedPair.from_pretrained(large, [tuned, small])
+    models = [plain(d) for d in steering_dirs]
+    for prompt in prompts:
+        enc = tok([prompt], return_tensors="pt")
+        got = pair.generate(**enc, lam=[lam, -lam], max_new_tokens=10, min_new_tokens=10, do_sample=False)
+        assert torch.equal(got, float64_steered_greedy(*models, enc["input_ids"], lam, 10)), prompt
+
+
+def test_steering_through_the_cli(steering_dirs, tok, capsys):
+    large, tuned, small = steering_dirs
+    code = main(["generate", "--ref", large, "--aligned", tuned, "--aligned", small, "--lam", "1,-1", "--lam", "0,0",
+                 "--prompt", "Hello", "--max-new-tokens", "6", "--json"])
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    steered, unsteered = (json.loads(line) for line in out.splitlines())
+    assert steered["lam"] == [1.0, -1.0] and unsteered["lam"] == [0.0, 0.0]
+    enc = tok(["Hello"], return_tensors="pt")
+    alone = plain(large).generate(**enc, max_new_tokens=6, do_sample=False)[0, enc["input_ids"].shape[1]:].tolist()
+    assert unsteered["token_ids"] == alone[: len(unsteered["token_ids"])]  # λ=(0, 0) is the large model alone
+    models = [plain(d) for d in steering_dirs]
+    expected = float64_steered_greedy(*models, enc["input_ids"], 1.0, 6)[0, enc["input_ids"].shape[1]:].tolist()
+    assert steered["token_ids"] == expected[: len(steered["token_ids"])]
+
+
+def test_steering_keeps_the_tokenizer_check(steering_dirs, tmp_path):
+    large, tuned, _ = steering_dirs
+    other_tok = build_tokenizer(["completely different text for another vocabulary " * 20], vocab_size=300)
+    other = str(save(build_model("llama", other_tok, seed=13), other_tok, tmp_path / "other"))
+    with pytest.raises(ValueError, match="tokenizers of"):
+        RealignedPair.from_pretrained(large, [tuned, other])
+    assert os.path.isdir(other)
