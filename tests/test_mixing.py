@@ -244,3 +244,99 @@ def test_mix_hidden_non_finite_raises():
     big = torch.full((1, 1, 4), 60000.0, dtype=torch.float16)
     with pytest.raises(ValueError, match="overflow torch.float16 at lam up to 3"):
         mix_hidden(torch.zeros_like(big), big, 3.0)
+
+
+# ---- chunked mixing (issue 17: peak temporaries ≤ 1.5× one float32 (B, T, V)) ----
+
+import aligndial.mixing as mixing_module  # noqa: E402
+from aligndial.mixing import LAM_LIMIT, mixed_kl  # noqa: E402
+
+
+@settings(max_examples=40, deadline=None)
+@given(seeds, lams, st.integers(1, 40), st.sampled_from([torch.float32, torch.bfloat16]), st.booleans())
+def test_chunking_changes_no_bit(seed, lam, chunk, dtype, with_masks):
+    """Mixing, log-softmax and KL chunk by chunk over the B·T rows give bit for bit what one chunk
+    gives, for any chunk size, with per-row λ, masked tokens (cases 12-13) and bf16 sources."""
+    ref, aligned = logits(seed, (3, 5, 13), dtype), logits(seed + 1, (3, 5, 13), dtype)
+    if with_masks:
+        ref[0, 1, 3] = aligned[0, 1, 3] = float("-inf")
+        aligned[2, :, 7] = float("-inf")
+    lam_rows = torch.tensor([lam, 0.0, 1.0])
+    old = mixing_module.CHUNK_ELEMENTS
+    try:
+        mixing_module.CHUNK_ELEMENTS = 1 << 30
+        whole = (mix_logits(ref, aligned, lam_rows), mixed_logps(ref, aligned, lam_rows),
+                 mixed_kl((ref, aligned, lam_rows), ref))
+        mixing_module.CHUNK_ELEMENTS = chunk
+        chunked = (mix_logits(ref, aligned, lam_rows), mixed_logps(ref, aligned, lam_rows),
+                   mixed_kl((ref, aligned, lam_rows), ref))
+    finally:
+        mixing_module.CHUNK_ELEMENTS = old
+    for a, b in zip(whole, chunked):
+        assert torch.equal(a, b)
+    # λ=0 and λ=1 rows are exactly the single source, in every chunking
+    assert torch.equal(chunked[0][1], ref[1].float()) and torch.equal(chunked[0][2], aligned[2].float())
+
+
+@settings(max_examples=30, deadline=None)
+@given(seeds, lams, st.integers(1, 30))
+def test_mixed_kl_matches_float64_formula(seed, lam, chunk):
+    """KL(π_λ ‖ π_ref) and KL(student ‖ π_λ) against float64, per position, any chunking."""
+    ref, aligned, student = logits(seed, (2, 4, 9)), logits(seed + 1, (2, 4, 9)), logits(seed + 2, (2, 4, 9))
+    old = mixing_module.CHUNK_ELEMENTS
+    mixing_module.CHUNK_ELEMENTS = chunk
+    try:
+        got = mixed_kl((ref, aligned, lam), (ref, aligned, 0.0))
+        got_student = mixed_kl(student, (ref, aligned, lam))
+    finally:
+        mixing_module.CHUNK_ELEMENTS = old
+    logp = torch.log_softmax((1 - lam) * ref.double() + lam * aligned.double(), -1)
+    logq = torch.log_softmax(ref.double(), -1)
+    logs = torch.log_softmax(student.double(), -1)
+    assert got.shape == (2, 4)
+    torch.testing.assert_close(got.double(), (logp.exp() * (logp - logq)).sum(-1), rtol=1e-4, atol=1e-4 * (1 + abs(lam)))
+    torch.testing.assert_close(got_student.double(), (logs.exp() * (logs - logp)).sum(-1), rtol=1e-4,
+                               atol=1e-4 * (1 + abs(lam)))
+    assert torch.equal(mixed_kl((ref, aligned, 0.0), (ref, aligned, 0.0)), torch.zeros(2, 4))
+
+
+def test_mixed_kl_over_heads_of_different_widths():
+    """Case 17 for KL: heads padded to 12 and 15 columns over a 10-token tokenizer. Without
+    n_tokens: a clear error; with it: the KL over the 10 real ids, each side renormalised, finite."""
+    ref, aligned, student = logits(0, (2, 12)), logits(1, (2, 15)), logits(2, (2, 15))
+    with pytest.raises(ValueError, match=r"different widths \[12, 15\]; pass n_tokens"):
+        mixed_kl(student, (ref, aligned, 1.5))
+    got = mixed_kl(student, (ref, aligned, 1.5), n_tokens=10)
+    logs = torch.log_softmax(student[:, :10].double(), -1)
+    logp = torch.log_softmax(-0.5 * ref[:, :10].double() + 1.5 * aligned[:, :10].double(), -1)
+    torch.testing.assert_close(got.double(), (logs.exp() * (logs - logp)).sum(-1), rtol=1e-5, atol=1e-4)
+    mixed = mix_logits(ref, aligned, 0.5, n_tokens=10)
+    assert mixed.shape == (2, 12) and torch.isneginf(mixed[:, 10:]).all() and torch.isfinite(mixed[:, :10]).all()
+
+
+def test_mixed_kl_keeps_the_students_gradient():
+    """TrRa trains through mixed_kl: the student's logits get a gradient, the mixture's sources none."""
+    ref, aligned = logits(0, (3, 9)), logits(1, (3, 9))
+    student = logits(2, (3, 9)).requires_grad_()
+    mixed_kl(student, (ref, aligned, 2.0)).sum().backward()
+    assert student.grad is not None and student.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("lam", [1e6, -1e6])
+def test_overflowing_mix_of_finite_logits_raises_one_line(lam):
+    """Case 30: finite sources whose weighted sum overflows float32 (λ·logit beyond 3.4e38) raise
+    one clear line instead of NaN logits that silently pick token 0.
+    Before the fix: no error; mix_logits returned NaN/inf, and argmax picked token 0."""
+    ref, aligned = logits(0, (2, 6)), logits(1, (2, 6)) * 1e33
+    with pytest.raises(ValueError, match=r"the mix overflows float32 at lam=.*LAM_LIMIT=1e\+06") as info:
+        mix_logits(ref, aligned, lam)
+    assert "\n" not in str(info.value)
+    assert abs(lam) <= LAM_LIMIT  # a λ the user may give: the overflow comes from the logits' scale
+
+
+def test_sources_on_other_devices_are_mixed_on_one_device():
+    """The mix happens on one device (`device=`, default the first source's), the others are
+    copied there chunk by chunk. Before the fix: `out.add_` across devices raised."""
+    ref, aligned = logits(0, (2, 3, 8)), logits(1, (2, 3, 8))
+    out = mix_logits(ref, aligned.to("meta"), 0.5, device="meta")
+    assert out.device.type == "meta" and out.shape == (2, 3, 8)

@@ -7,14 +7,22 @@ Each model runs its own forward with its own KV cache; per step the pair returns
 computed by `aligndial.mixing`. Only models with a non-zero weight in some row are run, so
 λ=0 costs one reference model and λ=1 one aligned model (the fast paths).
 
-Vocabularies are checked at load: the tokenizers must agree token for token. Heads may differ
-in width (Qwen pads its head to 151936 or 152064 over one tokenizer); then the mix covers the
-shared width and every id past the tokenizer's length is masked.
+Vocabularies are checked at load: the tokenizers must agree token for token. Special tokens
+may differ where real (base, instruct) pairs differ: EOS (`<|endoftext|>` vs `<|im_end|>`), BOS
+and pad only warn, and the pair stops on the union of its running members' EOS ids. Heads may
+differ in width (Qwen pads its head to 151936 or 152064 over one tokenizer); then the mix covers
+the shared width and every id past the tokenizer's length is masked.
+
+Devices: each member may live anywhere (`device_map=` per member, accelerate offload included);
+each gets its inputs on its own input device, and the mix happens on ONE device, the reference's
+output device (`RealignedPair.mix_device`), where the pair's logits are returned.
 """
 
 from __future__ import annotations
 
+import copy
 import inspect
+import warnings
 
 import torch
 from torch import nn
@@ -22,14 +30,20 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from aligndial.generation import MixedLM
 from aligndial.loading import load_causal_lm, load_tokenizer
-from aligndial.mixing import LamLike, active_sources, mix_logits
+from aligndial.mixing import LamLike, active_sources, lam_weights, mix_logits
 
 _SPECIAL = ("bos_token", "eos_token", "unk_token", "pad_token")
+# Base and instruct checkpoints of one family differ here (Qwen: EOS <|endoftext|> vs <|im_end|>;
+# Llama 3: <|end_of_text|> vs <|eot_id|>, and the pad token stands in for EOS). These never change
+# what an id means, so they warn; the pair stops on every member's EOS (`eos_token_ids`).
+_WARN_ONLY = ("bos_token", "eos_token", "pad_token")
 
 
 def check_tokenizers(ref_tok, other_tok, ref_name: str = "ref", other_name: str = "aligned") -> None:
-    """Raise ValueError unless the two tokenizers map the same strings to the same ids, with the
-    same special tokens. A pad token set on only one side is allowed: it never changes logits."""
+    """Raise ValueError unless the two tokenizers map the same strings to the same ids (token → id
+    over the whole vocabulary, added tokens included), naming the differing tokens. Where only
+    EOS, BOS or pad differ, warn (naming them) instead: prompts are tokenized with the reference's
+    tokenizer, and the pair stops on the union of its members' EOS ids."""
     ref_vocab, other_vocab = ref_tok.get_vocab(), other_tok.get_vocab()
     if ref_vocab != other_vocab:
         only_ref = sorted(set(ref_vocab.items()) - set(other_vocab.items()), key=lambda kv: kv[1])
@@ -40,17 +54,61 @@ def check_tokenizers(ref_tok, other_tok, ref_name: str = "ref", other_name: str 
             f"{len(only_other)} only in {other_name}, e.g. {only_other[:3]}. "
             "DeRa mixes logits id by id, so both models must share one tokenizer."
         )
-    diffs = []
+    diffs = {}
     for attr in _SPECIAL:
         a, b = getattr(ref_tok, attr), getattr(other_tok, attr)
         if a != b and not (attr == "pad_token" and (a is None or b is None)):
-            diffs.append(f"{attr}: {a!r} vs {b!r}")
+            diffs[attr] = f"{attr}: {a!r} vs {b!r}"
+    refused = [d for attr, d in diffs.items() if attr not in _WARN_ONLY]
+    if refused:
+        raise ValueError(f"special tokens of {ref_name} and {other_name} differ: {'; '.join(refused)}")
     if diffs:
-        raise ValueError(f"special tokens of {ref_name} and {other_name} differ: {'; '.join(diffs)}")
+        warnings.warn(
+            f"special tokens of {ref_name} and {other_name} differ: {'; '.join(diffs.values())}. Same vocabulary, so "
+            f"the pair mixes them; prompts use {ref_name}'s tokenizer and generation stops on either model's EOS.",
+            stacklevel=2,
+        )
 
 
 def head_width(model) -> int:
     return model.get_output_embeddings().weight.shape[0]
+
+
+def eos_ids(model) -> list[int]:
+    """The ids a model alone stops on in plain transformers: its generation_config's
+    `eos_token_id`, an int or a list (instruct checkpoints list both EOS tokens)."""
+    eos = model.generation_config.eos_token_id if model.generation_config is not None else None
+    return [] if eos is None else [int(eos)] if isinstance(eos, int) else [int(e) for e in eos]
+
+
+def output_device(model) -> torch.device:
+    """Where a member's logits come out. A model dispatched by accelerate (`device_map`) returns
+    its outputs on its input's device (io_same_device), so it is fed on its main device (the first
+    one that is not "cpu"/"disk", as accelerate picks it); any other model, its head's device."""
+    device_map = getattr(model, "hf_device_map", None)
+    if device_map:
+        real = [d for d in device_map.values() if d not in ("cpu", "disk")]
+        return torch.device(real[0] if real else "cpu")
+    return model.get_output_embeddings().weight.device
+
+
+def input_device(model) -> torch.device:
+    """Where a member's input ids must be: its embedding's device (accelerate's hooks move the
+    inputs of a dispatched model themselves)."""
+    if getattr(model, "hf_device_map", None):
+        return output_device(model)
+    return model.get_input_embeddings().weight.device
+
+
+def _per_member(device_map, n: int) -> list:
+    """`device_map` as one entry per member: a str or dict applies to every member; a list or
+    tuple gives one entry (str, dict or None) per member, reference first."""
+    if isinstance(device_map, (list, tuple)):
+        if len(device_map) != n:
+            raise ValueError(f"device_map as a list needs one entry per member (reference first): {n}; "
+                             f"got {len(device_map)}")
+        return list(device_map)
+    return [device_map] * n
 
 
 class PairCache:
@@ -88,7 +146,11 @@ class RealignedPair(MixedLM):
         self.n_aligned = len(aligned)
         self.tokenizer = tokenizer
         self.names = names or ["ref"] + [f"aligned[{i}]" for i in range(len(aligned))]
-        self.generation_config = ref.generation_config
+        # The reference's generation settings, stopping on every member's EOS: a base reference
+        # stops at <|endoftext|>, its instruct partner at <|im_end|>. `generate` narrows this to
+        # the members a call runs (`eos_token_ids`), so λ=0 stops exactly as the reference alone.
+        self.generation_config = copy.deepcopy(ref.generation_config)
+        self.generation_config.eos_token_id = self.eos_token_ids() or None
         widths = [head_width(m) for m in self.members]
         self.width = min(widths)
         n_tokens = len(tokenizer) if tokenizer is not None else self.width
@@ -105,13 +167,64 @@ class RealignedPair(MixedLM):
     def members(self) -> list:
         return [self.ref, *self.aligned]
 
+    @property
+    def mix_device(self) -> torch.device:
+        """The one device where the members' logits are mixed and returned: the reference's
+        output device. Members elsewhere get their inputs moved to them, their logits moved here."""
+        return output_device(self.ref)
+
+    @property
+    def device(self) -> torch.device:
+        return self.mix_device
+
+    def eos_token_ids(self, lam=None, batch_size: int = 1) -> list[int]:
+        """The union of the EOS ids of the members a call with `lam` runs (a non-zero weight in
+        some row; every member for None or a schedule), reference first. λ=0 thus stops exactly
+        as the reference alone, λ=1 as the aligned model alone, and a mix on either's EOS."""
+        if lam is None or callable(lam):
+            runs = [True] * len(self.members)
+        else:
+            runs = active_sources(lam_weights(lam, batch_size, self.n_aligned))
+        ids: list[int] = []
+        for m, run in zip(self.members, runs):
+            ids += [e for e in eos_ids(m) if run and e not in ids]
+        return ids
+
+    def generate(self, inputs: torch.Tensor | None = None, lam=1.0, **kwargs):
+        """`MixedLM.generate`, stopping on `eos_token_ids(lam)` unless the call sets its own."""
+        if "eos_token_id" not in kwargs and "generation_config" not in kwargs:
+            ids = inputs if inputs is not None else kwargs.get("input_ids")
+            eos = self.eos_token_ids(lam, ids.shape[0] if ids is not None else 1)
+            if eos:
+                kwargs["eos_token_id"] = eos
+        return super().generate(inputs, lam=lam, **kwargs)
+
     @classmethod
-    def from_pretrained(cls, ref: str, aligned: str | list[str], dtype=None, device=None, trust_remote_code=False):
+    def from_pretrained(cls, ref: str, aligned: str | list[str], dtype=None, device=None, trust_remote_code=False,
+                        device_map=None):
+        """Each `aligned` is a full model, or every one is a PEFT LoRA directory on `ref`: then the
+        result is a `LoraPair` holding one base model (aligndial.lora_pair).
+
+        `device_map` goes to each member's `from_pretrained` (accelerate: "auto", a device, or a
+        {module: device} dict with "cpu"/"disk" offload): one str/dict for every member, or a
+        list with one entry per member, reference first (e.g. ["cuda:0", "cuda:1"], one large
+        model per GPU). The mix happens on the reference's output device (`mix_device`)."""
         aligned = [aligned] if isinstance(aligned, str) else list(aligned)
+        from aligndial.lora_pair import LoraPair, is_lora_dir
+
+        lora = [is_lora_dir(a) for a in aligned]
+        if any(lora):
+            if not all(lora):
+                raise ValueError("`--aligned` mixes LoRA adapter directories and full models; give all adapters (one "
+                                 "base model, one forward) or all full models (merge the adapters with PEFT's merge_and_unload)")
+            if device_map is not None:
+                raise ValueError("`device_map` applies to full models; LoRA adapters share their base model's devices")
+            return LoraPair.from_pretrained(ref, aligned, dtype, device, trust_remote_code)
         ref_tok = load_tokenizer(ref, trust_remote_code)
         for name in aligned:
             check_tokenizers(ref_tok, load_tokenizer(name, trust_remote_code), ref, name)
-        models = [load_causal_lm(n, dtype, device, trust_remote_code) for n in [ref, *aligned]]
+        maps = _per_member(device_map, 1 + len(aligned))
+        models = [load_causal_lm(n, dtype, device, trust_remote_code, device_map=m) for n, m in zip([ref, *aligned], maps)]
         return cls(models[0], models[1:], tokenizer=ref_tok, names=[ref, *aligned]).eval()
 
     def new_cache(self) -> PairCache:
@@ -177,16 +290,17 @@ class RealignedPair(MixedLM):
                 logits.append(None)
                 caches.append(None)
                 continue
+            device = input_device(m)  # one large model per GPU: each member reads its inputs where it lives
+            inputs = {k: v.to(device) if isinstance(v, torch.Tensor) and v.device != device else v for k, v in inputs.items()}
             out = m(**inputs, return_dict=True)
             logits.append(out.logits[..., : self.width])
             caches.append(out.past_key_values)
         if past_key_values is None and any(c is not None for c in caches):
             past_key_values = PairCache(caches)
-        if self.pad_from is not None:
-            padded = torch.arange(self.pad_from, self.width, device=out.logits.device)
-            logits = [None if x is None else x.float().index_fill(-1, padded, float("-inf")) for x in logits]
         if sum(x is not None for x in logits) == 1 and self.pad_from is None:
-            mixed = next(x for x in logits if x is not None)  # fast path: exactly that model's logits
+            mixed = next(x for x in logits if x is not None).to(self.mix_device)  # fast path: exactly that model's logits
         else:
-            mixed = mix_logits(logits[0], logits[1:], lam.to(next(x for x in logits if x is not None).device))
+            # One device for the mix (the reference's output device); padded ids of heads of
+            # different widths are masked (−inf) there.
+            mixed = mix_logits(logits[0], logits[1:], lam, n_tokens=self.pad_from, device=self.mix_device)
         return CausalLMOutputWithPast(logits=mixed, past_key_values=past_key_values)

@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 
 from aligndial.generation import span_schedule
-from aligndial.mixing import mixed_logps
+from aligndial.mixing import mixed_kl, mixed_logps
 
 
 def think_schedule(tokenizer, think_lam: float, lam: torch.Tensor):
@@ -66,13 +66,13 @@ def response_logits(model, contexts: list[list[int]], responses: list[list[int]]
     return out
 
 
-def kl_to_ref(ref_logits: torch.Tensor, aligned_logits: torch.Tensor, lams: torch.Tensor) -> float:
-    """Σ_t KL(π_λt ‖ π_ref) over the full vocabulary at each position, float32; exactly 0 at λ=0.
+def kl_to_ref(ref_logits: torch.Tensor, aligned_logits: torch.Tensor, lams: torch.Tensor, n_tokens: int | None = None) -> float:
+    """Σ_t KL(π_λt ‖ π_ref) over the vocabulary at each position (ids < `n_tokens` when given: a
+    pair's heads of different widths), float32, chunked in `mixing.mixed_kl`; exactly 0 at λ=0.
     A token π_λ can emit but π_ref masks makes it +inf, as it should."""
-    logp = mixed_logps(ref_logits, aligned_logits, lams)  # (T, V)
-    logq = mixed_logps(ref_logits, aligned_logits, torch.zeros_like(lams))
-    p = logp.exp()
-    return torch.where(p > 0, p * (logp - logq), 0.0).sum().item()
+    p = (ref_logits, aligned_logits, lams)
+    q = (ref_logits, aligned_logits, torch.zeros_like(lams))  # π_ref, computed exactly as π_λ is
+    return mixed_kl(p, q, n_tokens).sum().item()
 
 
 def mean_logp(ref_logits: torch.Tensor, aligned_logits: torch.Tensor, lams: torch.Tensor, response: list[int]) -> float:
