@@ -54,9 +54,17 @@ def test_architectures_match_tiny_models():
     assert set(ARCHITECTURES) == set(tiny.SUPPORTED_TINY)
 
 
+def _tied(model) -> bool:
+    return model.get_output_embeddings().weight.data_ptr() == model.get_input_embeddings().weight.data_ptr()
+
+
+@pytest.mark.parametrize("tied", [False, True], ids=["untied", "tied"])
 @pytest.mark.parametrize("arch", tiny.SUPPORTED_TINY)
-def test_identity_adapter_is_exact(arch, tok, batch):
-    model = tiny.build_model(arch, tok)
+def test_identity_adapter_is_exact(arch, tied, tok, batch):
+    """Real small checkpoints tie the head to the input embedding (Qwen3 0.6B-4B, Llama 3.2,
+    Gemma): every architecture is checked both ways."""
+    model = tiny.build_model(arch, tok, tie_word_embeddings=tied)
+    assert _tied(model) == tied
     base_layers = model.config.num_hidden_layers
     base_logits, base_tokens = logits(model, batch), greedy(model, batch)
 
@@ -89,15 +97,16 @@ def test_copy_and_kaiming_change_outputs_kaiming_is_seeded(tok, batch):
     assert not torch.allclose(adapted("kaiming", seed=1), kaiming, atol=1e-3)
 
 
+@pytest.mark.parametrize("tied", [False, True], ids=["untied", "tied"])
 @pytest.mark.parametrize("arch", tiny.SUPPORTED_TINY)
-def test_lora_identity_then_merge_roundtrip(arch, tok, batch, tmp_path):
+def test_lora_identity_then_merge_roundtrip(arch, tied, tok, batch, tmp_path):
     """LoRA with B=0 is exact; after moving B, merge + save_pretrained + from_pretrained reproduces it.
 
     Folding B·A into the weight reassociates fp32 sums; through these random stacks that moves logits
     of size ~6 by up to ~4e-5 (measured on all 14), hence atol 1e-4 there. A wrong merge moves them
     by ~1-10. Saving and reloading the merged model must then change nothing at all.
     """
-    model = tiny.build_model(arch, tok)
+    model = tiny.build_model(arch, tok, tie_word_embeddings=tied)
     base_logits = logits(model, batch)
     cfg = insert_adapter(model, lora_rank=4)
     assert cfg.lora_alpha == 4.0
@@ -122,6 +131,7 @@ def test_lora_identity_then_merge_roundtrip(arch, tok, batch, tmp_path):
     merged.save_pretrained(tmp_path)
     reloaded = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
     assert reloaded.config.num_hidden_layers == len(decoder_layers(reloaded)) == 3
+    assert _tied(reloaded) == tied
     assert torch.equal(logits(reloaded, batch), merged_logits)
     assert torch.equal(greedy(reloaded, batch), adapted_tokens)
 
