@@ -339,3 +339,37 @@ def test_freeze_base_trains_only_the_adapter(arch, lora_rank, tok, batch):
     for name, p in model.named_parameters():
         changed = not torch.equal(p, before[name])
         assert changed == (name in trainable), name
+
+
+def test_adapter_init_use_and_merge_on_the_qwen3_replica(replicas, tmp_path):
+    """The CLI's adapter round trip on a Qwen3-shaped bf16 checkpoint with a tied, padded head:
+    init writes adapter files only; the dual path at λ=0 is the base model and at λ=1 the merged
+    model, token for token; the merged model stays tied, bf16 and 151936 rows wide."""
+    from aligndial.cli import main
+    from aligndial.dualpath import DualPathModel
+    from replicas import CHAT_PROBE, QWEN3_HEAD_ROWS
+
+    base_dir = replicas.qwen3("instruct")
+    adapter_dir, merged_dir = tmp_path / "adapter", tmp_path / "merged"
+    assert main(["adapter", "init", "--model", base_dir, "--out", str(adapter_dir), "--init", "kaiming"]) == 0
+    assert sorted(p.name for p in adapter_dir.iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]
+    assert main(["adapter", "merge", "--model", base_dir, "--adapter", str(adapter_dir), "--out", str(merged_dir)]) == 0
+
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(base_dir)
+    enc = tok.apply_chat_template([CHAT_PROBE, [{"role": "user", "content": "Hi"}]], add_generation_prompt=True,
+                                  return_dict=True, return_tensors="pt", padding=True)
+
+    def greedy_of(model, **kw):
+        with torch.no_grad():
+            return model.generate(**enc, do_sample=False, max_new_tokens=6, pad_token_id=tok.pad_token_id, **kw)
+
+    plain = AutoModelForCausalLM.from_pretrained(base_dir, dtype="auto").eval()
+    merged = AutoModelForCausalLM.from_pretrained(merged_dir, dtype="auto").eval()
+    assert merged.dtype == torch.bfloat16 and _tied(merged)
+    assert merged.get_output_embeddings().weight.shape[0] == QWEN3_HEAD_ROWS
+    dual = DualPathModel.from_adapter(AutoModelForCausalLM.from_pretrained(base_dir, dtype="auto"), str(adapter_dir))
+    assert torch.equal(greedy_of(dual, lam=0.0), greedy_of(plain))
+    assert torch.equal(greedy_of(dual, lam=1.0), greedy_of(merged))
+    assert not torch.equal(greedy_of(merged), greedy_of(plain))  # kaiming init: the adapter does something
