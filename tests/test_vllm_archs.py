@@ -28,8 +28,8 @@ def _check(llm, hf, tok, what: str):
     got = vllm_grid(llm, tok)
     bad = [(lam, p) for (lam, p), a, b in zip([(lam, p) for lam in LAMS for p in PROMPTS], got, expected) if a != b]
     assert not bad, f"{what}: vLLM differs from the HF engine at (λ, prompt) {bad}"
-    # λ matters: the five λ continue the first prompt five different ways (not a constant model).
-    assert len({tuple(expected[k * len(PROMPTS)]) for k in range(len(LAMS))}) >= 4, f"{what}: λ barely matters"
+    # λ matters: the grid holds at least two continuations per prompt on average (not a constant model).
+    assert len({tuple(x) for x in expected}) >= 2 * len(PROMPTS), f"{what}: λ barely changes the tokens"
 
 
 @pytest.mark.parametrize("arch", ARCHS)
@@ -61,7 +61,8 @@ def test_qwen3_replica_with_the_real_tokenizer(kind, tmp_path):
         export = export_dual_path(adapted(ref, adapter), tok, tmp_path / "dual-vllm")
         hf = DualPathModel.from_adapter(AutoModelForCausalLM.from_pretrained(ref), adapter)
     else:
-        aligned = qwen3_replica(tmp_path, 1, "qwen3-aligned")
+        aligned = qwen3_replica(tmp_path, 1, "qwen3-aligned", "instruct")  # EOS ids differ: each row stops on its members'
+        tok = AutoTokenizer.from_pretrained(ref)
         export = export_pair(AutoModelForCausalLM.from_pretrained(ref), [AutoModelForCausalLM.from_pretrained(aligned)],
                              tok, tmp_path / "pair-vllm")
         hf = RealignedPair.from_pretrained(ref, aligned)

@@ -61,14 +61,15 @@ def adapted(model_dir: str, adapter_dir: str):
     return model
 
 
-def qwen3_replica(root, seed: int, name: str) -> str:
+def qwen3_replica(root, seed: int, name: str, variant: str = "base") -> str:
     """Qwen3-shaped behind the real Qwen3 tokenizer (tests/replicas.py): tied 151,936-row head over
-    151,669 tokens, padded rows zero, EOS <|endoftext|>; head_dim 32 for vLLM's CPU kernels."""
-    from replicas import QWEN3_ENDOFTEXT, QWEN3_HEAD_ROWS, QWEN3_TOKENS, _write_qwen3_tokenizer
+    151,669 tokens, padded rows zero; EOS <|endoftext|> (base) or [<|im_end|>, <|endoftext|>] in the
+    generation config (instruct), as Qwen publishes them; head_dim 32 for vLLM's CPU kernels."""
+    from replicas import QWEN3_ENDOFTEXT, QWEN3_HEAD_ROWS, QWEN3_IM_END, QWEN3_TOKENS, _write_qwen3_tokenizer
 
     out = root / name
     out.mkdir(parents=True)
-    _write_qwen3_tokenizer(out, "base")
+    _write_qwen3_tokenizer(out, variant)
     config = AutoConfig.for_model(
         "qwen3", vocab_size=QWEN3_HEAD_ROWS, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
         num_attention_heads=2, num_key_value_heads=1, head_dim=32, max_position_embeddings=1024,
@@ -79,7 +80,7 @@ def qwen3_replica(root, seed: int, name: str) -> str:
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
     with torch.no_grad():
         model.get_output_embeddings().weight[QWEN3_TOKENS:] = 0.0
-    model.generation_config.eos_token_id = QWEN3_ENDOFTEXT
+    model.generation_config.eos_token_id = QWEN3_ENDOFTEXT if variant == "base" else [QWEN3_IM_END, QWEN3_ENDOFTEXT]
     model.generation_config.bos_token_id = QWEN3_ENDOFTEXT
     model.save_pretrained(out)
     assert len(AutoTokenizer.from_pretrained(out)) == QWEN3_TOKENS
@@ -114,7 +115,11 @@ def vllm_grid(llm, tok, lams=LAMS, prompts=PROMPTS, new: int = NEW) -> list[list
     """Greedy token ids for every (λ, prompt), all in one batch, each request with its own λ."""
     from vllm import SamplingParams
 
+    from aligndial.vllm.run import member_eos, stop_kwargs
+
+    eos = member_eos(llm.llm_engine.vllm_config.model_config.model)  # as aligndial's vLLM engines stop rows
     requests = [(p, lam) for lam in lams for p in prompts]
-    params = [SamplingParams(max_tokens=new, temperature=0, extra_args={"alignment_strength": lam}) for _, lam in requests]
+    params = [SamplingParams(max_tokens=new, temperature=0, extra_args={"alignment_strength": lam},
+                             **stop_kwargs(eos, lam, 1)) for _, lam in requests]
     outs = llm.generate([{"prompt_token_ids": tok(p)["input_ids"]} for p, _ in requests], params, use_tqdm=False)
     return [list(o.outputs[0].token_ids) for o in outs]

