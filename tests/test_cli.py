@@ -1,4 +1,5 @@
-"""`aligndial generate` and `aligndial interpolate`, end to end."""
+"""`aligndial generate`, `interpolate`, `adapter`, `export-vllm` and `serve` flags, end to end;
+every argument checked before a model loads."""
 
 import json
 import os
@@ -62,7 +63,7 @@ def test_generate_readable_output_labels_lam(capsys, model_dirs):
 @pytest.mark.parametrize(
     "argv, message",
     [
-        (["--lam", "nan"], "`--lam` must be finite; got 'nan'"),
+        (["--lam", "nan"], "`--lam` must be a finite number; got 'nan'"),
         (["--lam", "0.5,0.5"], "has 2 weight(s) but there are 1 aligned models"),
         (["--lam", "abc"], "`--lam` must be a number; got 'abc'"),
     ],
@@ -159,3 +160,125 @@ def test_custom_code_needs_trust_remote_code(capsys, tmp_path, model_dirs):
     code, _, err = run(capsys, "generate", "--model", str(path), "--prompt", "Hi", "--max-new-tokens", "2")
     assert code == 2 and "--trust-remote-code" in err
     assert not marker.exists()
+
+
+@pytest.fixture
+def count_loads(monkeypatch):
+    """How many models were loaded: a spy on transformers' own from_pretrained (the real one runs)."""
+    from transformers import AutoModelForCausalLM as Auto
+
+    calls = []
+    real = Auto.from_pretrained.__func__
+
+    def spy(cls, *args, **kwargs):
+        calls.append(args[0] if args else kwargs)
+        return real(cls, *args, **kwargs)
+
+    monkeypatch.setattr(Auto, "from_pretrained", classmethod(spy))
+    return calls
+
+
+def _bad_argv(tmp_path, model_dirs):
+    """(argv, message) pairs: each argv has one mistake and otherwise loadable models."""
+    ref, aligned, aligned2 = model_dirs["llama"]
+    messages = tmp_path / "messages.jsonl"
+    messages.write_text(json.dumps({"messages": [{"role": "user", "content": "Hi"}]}) + "\n")
+    conv = tmp_path / "conv-prefs.jsonl"
+    conv.write_text(json.dumps({"prompt": [{"role": "user", "content": "Hi"}],
+                                "chosen": [{"role": "assistant", "content": "Hello"}],
+                                "rejected": [{"role": "assistant", "content": "Go"}]}) + "\n")
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text(json.dumps({"prompt": "Hi"}) + "\n")
+    missing = str(tmp_path / "missing.jsonl")
+    pair = ["--ref", ref, "--aligned", aligned]
+    sweep = ["sweep", *pair, "--lams", "0,1", "--out", str(tmp_path / "sweep")]
+    return [
+        (["generate", *pair, "--prompt", "Hi", "--lam", "nan"], "`--lam` must be a finite number; got 'nan'"),
+        (["generate", *pair, "--prompt", "Hi", "--lam", "0.5,0.5"], "has 2 weight(s) but there are 1 aligned models"),
+        (["generate", *pair, "--prompts-file", str(messages)], "needs `--chat`"),
+        (["generate", *pair, "--prompts-file", missing], "`--prompts-file " + missing + "`: no such file"),
+        (["generate", *pair, "--aligned", aligned2, "--lam", "1,1", "--prompt", "Hi", "--think-lam", "0"],
+         "`--think-lam` needs a mix"),
+        (["generate", "--model", ref, "--adapter", str(tmp_path / "no-adapter"), "--prompt", "Hi"], "no such directory"),
+        (["generate", *pair, "--prompt", "Hi", "--max-new-tokens", "0"], "must be ≥ 1"),
+        ([*sweep, "--prompts", str(messages)], "needs `--chat`"),
+        ([*sweep, "--prompts", missing], "`--prompts " + missing + "`: no such file"),
+        ([*sweep, "--prompts", str(prompts), "--metric", "reward:no_such_module_xyz:f"], "cannot import module"),
+        ([*sweep, "--metric", f"pairwise-accuracy:{conv}"], "add `--chat`"),
+        ([*sweep, "--prompts", str(prompts), "--metric", "accuracy:("], "not a valid regular expression"),
+        (["serve", *pair, "--default-lam", "nan"], "`--default-lam` must be a finite number"),
+        (["export-vllm", *pair, "--default-lam", "inf", "--out", str(tmp_path / "e")], "must be a finite number"),
+        (["train", "dpo", "--model", ref, "--data", missing, "--out", str(tmp_path / "t")], "no such file"),
+        (["adapter", "merge", "--model", ref, "--adapter", str(tmp_path / "none"), "--out", str(tmp_path / "m")],
+         "no such directory"),
+        (["adapter", "init", "--model", ref, "--num-layers", "0", "--out", str(tmp_path / "a")], "must be ≥ 1"),
+        (["interpolate", "--ref", ref, "--aligned", aligned, "--lam", "nan", "--out", str(tmp_path / "i")],
+         "`--lam` must be a finite number"),
+    ]
+
+
+def test_every_argument_error_comes_before_any_model_loads(capsys, tmp_path, model_dirs, count_loads):
+    for argv, message in _bad_argv(tmp_path, model_dirs):
+        code, _, err = run(capsys, *argv)
+        assert code == 2 and message in err, (argv, err)
+        assert len(err.strip().splitlines()) == 1, (argv, err)  # one line
+        assert count_loads == [], f"{argv}: a model loaded before the error ({message})"
+    # The spy sees loads: a correct command loads its two models.
+    ref, aligned, _ = model_dirs["llama"]
+    assert run(capsys, "generate", "--ref", ref, "--aligned", aligned, "--prompt", "Hi", "--max-new-tokens", "1")[0] == 0
+    assert len(count_loads) == 2
+
+
+def test_a_missing_local_model_directory_is_named(capsys, tmp_path, count_loads):
+    code, _, err = run(capsys, "generate", "--ref", str(tmp_path / "sft-model"), "--aligned", "./dpo-model/",
+                       "--prompt", "Hi")
+    assert code == 2 and f"`--ref {tmp_path / 'sft-model'}`: no such directory" in err and count_loads == []
+
+
+def test_adapter_init_message_uses_an_before_a_vowel(capsys, tmp_path, model_dirs):
+    code, out, _ = run(capsys, "adapter", "init", "--model", model_dirs["llama"][0], "--out", str(tmp_path / "a"))
+    assert code == 0 and out.startswith("wrote an identity 1-layer adapter"), out
+    code, out, _ = run(capsys, "adapter", "init", "--model", model_dirs["llama"][0], "--out", str(tmp_path / "b"),
+                       "--init", "copy")
+    assert code == 0 and out.startswith("wrote a copy 1-layer adapter"), out
+
+
+def test_a_peft_lora_directory_as_adapter_says_what_it_is(capsys, tmp_path, model_dirs):
+    from peft import LoraConfig, get_peft_model
+
+    base = model_dirs["llama"][0]
+    lora = tmp_path / "lora"
+    get_peft_model(AutoModelForCausalLM.from_pretrained(base), LoraConfig(r=4, target_modules=["q_proj"])).save_pretrained(lora)
+    capsys.readouterr()
+    code, _, err = run(capsys, "generate", "--model", base, "--adapter", str(lora), "--prompt", "Hi")
+    assert code == 2
+    assert err.strip().splitlines() == [
+        f"aligndial generate: error: `--adapter {lora}` is a PEFT LORA adapter, not an aligndial layer adapter; "
+        f"pass it as `--ref {base} --aligned {lora}` (the base model with the adapter as the aligned model)"]
+
+
+def _vllm_server_args(command: str):
+    """The command's arguments as vLLM's own OpenAI server parses them."""
+    import shlex
+
+    from vllm.entrypoints.launchers.cli_args import make_arg_parser  # what `-m vllm.entrypoints.openai.api_server` parses with
+    from vllm.utils.argparse_utils import FlexibleArgumentParser
+
+    argv = shlex.split(command)
+    assert argv[:3] == ["python", "-m", "vllm.entrypoints.openai.api_server"], command
+    return make_arg_parser(FlexibleArgumentParser()).parse_args(argv[3:])
+
+
+def test_vllm_exports_print_a_serve_command_that_loads_the_export(capsys, tmp_path, model_dirs):
+    ref, aligned, _ = model_dirs["llama"]
+    adapter = tmp_path / "adapter"
+    assert run(capsys, "adapter", "init", "--model", ref, "--out", str(adapter))[0] == 0
+    for argv, out in (
+        (["adapter", "merge", "--model", ref, "--adapter", str(adapter), "--for-vllm"], tmp_path / "m-vllm"),
+        (["export-vllm", "--ref", ref, "--aligned", aligned], tmp_path / "pair-vllm"),
+    ):
+        code, stdout, _ = run(capsys, *argv, "--out", str(out))
+        assert code == 0 and "vllm serve" not in stdout, stdout
+        command = stdout.split("serve it with `")[1].rstrip().rstrip("`")
+        parsed = _vllm_server_args(command)
+        assert parsed.model == str(out) and parsed.dtype == "float32"

@@ -366,7 +366,7 @@ def test_metric_specs_accuracy_and_errors(tmp_path):
             parse_metric(spec)
     with pytest.raises(ValueError, match="samples 3.* repeats one response; add `--do-sample`"):
         SweepConfig(lams=[0], samples=3)
-    with pytest.raises(ValueError, match="`lams` must be finite; got nan"):
+    with pytest.raises(ValueError, match="`lams` must be a finite number; got nan"):
         SweepConfig(lams=[float("nan")])
 
 
@@ -440,3 +440,70 @@ def test_lm_eval_runs_local_tasks_through_the_registered_model(tmp_path, dirs, p
         row = generate_rows(pair, tok, [s["doc"]["question"]], lam=0.5, add_special_tokens=False,
                             max_new_tokens=5, do_sample=False)[0]
         assert s["filtered_resps"][0] == row["text"].split("\n")[0]
+
+
+def test_a_sweep_that_fails_validation_leaves_its_out_dir_reusable(tmp_path, pair):
+    """A run refused before generating writes nothing, so the corrected rerun is not refused."""
+    messages = [{"messages": [{"role": "user", "content": "Hi"}]}]
+    out = tmp_path / "sweep"
+    with pytest.raises(ValueError, match="needs `--chat`"):
+        sweep(pair, pair.tokenizer, messages, SweepConfig(lams=[0], max_new_tokens=2), out=out)
+    assert not (out / "config.json").exists()
+    rows, _ = sweep(pair, pair.tokenizer, messages, SweepConfig(lams=[0], max_new_tokens=2, chat=True), out=out)
+    assert len(rows) == 1 and json.loads((out / "config.json").read_text())["chat"] is True
+
+
+def test_reward_module_imports_from_the_current_directory(tmp_path, monkeypatch):
+    """As with `python -m`: `--metric reward:my_rewards:helpfulness` finds ./my_rewards.py without
+    PYTHONPATH, although a console script's sys.path holds no current directory."""
+    (tmp_path / "my_rewards_h5.py").write_text("def helpfulness(prompt, response):\n    return 2.5\n")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr("sys.path", [p for p in __import__("sys").path if p not in ("", ".", str(tmp_path))])
+    metric = parse_metric("reward:my_rewards_h5:helpfulness")
+    assert metric.fn("p", "r") == 2.5
+    assert str(tmp_path) not in __import__("sys").path  # nothing left behind
+
+
+PREFS = [{"prompt": "The quick brown", "chosen": " fox jumps", "rejected": " dog sleeps all day"},
+         {"prompt": "Hello,", "chosen": " how are you", "rejected": " zebra"},
+         {"prompt": "2 + 3 =", "chosen": " 5", "rejected": " 56 apples"}]
+
+
+def test_pairwise_accuracy_on_trl_conversational_rows(capsys, tmp_path, pair, plain64, dirs):
+    """The preference file `train dpo` takes (TRL's conversational format) scores with `--chat`,
+    split into prompt and replies exactly as TRL's own `apply_chat_template` splits it."""
+    from trl.data_utils import apply_chat_template
+
+    tok = pair.tokenizer
+    conv = [{"prompt": [{"role": "user", "content": p["prompt"]}], "chosen": [{"role": "assistant", "content": p["chosen"]}],
+             "rejected": [{"role": "assistant", "content": p["rejected"]}]} for p in PREFS]
+    lams = [0.0, 2.0]
+    scores = pairwise_scores(pair, tok, conv, lams, chat=True)
+    for j, row in enumerate(conv):
+        trl_row = apply_chat_template(row, tok)  # {"prompt", "chosen", "rejected"} as text
+        context = tok(trl_row["prompt"], add_special_tokens=False)["input_ids"]
+        for lam in lams:
+            got = next(s for s in scores if s["pair"] == j and s["lam"] == lam)
+            for side in ("chosen", "rejected"):
+                response = tok(trl_row[side], add_special_tokens=False)["input_ids"]
+                logp = hand_logps(plain64, context + response, lam)[len(context) - 1 : -1]
+                hand = logp.gather(-1, torch.tensor(response)[:, None]).sum().item() / len(response)
+                assert got[side] == pytest.approx(hand, abs=1e-4)
+    # Without --chat: one line that says what to add, before any model loads.
+    data = write_jsonl(tmp_path / "conv.jsonl", conv)
+    ref, aligned = dirs
+    code = main(["sweep", "--ref", ref, "--aligned", aligned, "--lams", "0", "--metric", f"pairwise-accuracy:{data}",
+                 "--out", str(tmp_path / "o")])
+    err = capsys.readouterr().err
+    assert code == 2 and err.strip() == (f"aligndial sweep: error: {data}: pair 1 is conversational (lists of messages, "
+                                         "as `train dpo` takes); add `--chat` to render it with the chat template")
+
+
+def test_pairwise_only_sweep_counts_its_pairs(capsys, tmp_path, dirs):
+    """No prompts, no generation: the summary's n is the number of pairs scored at each λ."""
+    ref, aligned = dirs
+    data = write_jsonl(tmp_path / "pairs.jsonl", PREFS)
+    code = main(["sweep", "--ref", ref, "--aligned", aligned, "--lams", "0,1", "--metric", f"pairwise-accuracy:{data}",
+                 "--out", str(tmp_path / "o"), "--json"])
+    summary = json.loads(capsys.readouterr().out)["summary"]
+    assert code == 0 and [(e["n"], e["pairwise-accuracy_n"]) for e in summary] == [(3, 3), (3, 3)]

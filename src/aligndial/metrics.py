@@ -17,8 +17,10 @@ Row metrics are callables `metric(rows, scoring) -> [float | None]`, one value p
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import os
+import sys
 import random
 import re
 from dataclasses import dataclass, field
@@ -69,6 +71,22 @@ def parse_metric(spec: str, judge_baseline_lam: float = 1.0, judge_model: str | 
     raise ValueError(f"unknown metric {spec!r}; use one of: {SPECS}")
 
 
+def check_metric(spec: str, chat: bool = False) -> None:
+    """What can be checked of a metric spec before any model loads: its form, a reward function's
+    import, a regex, a reward model's directory, and every row of a pairwise-accuracy file."""
+    kind, _, arg = spec.partition(":")
+    if kind in ("reward-model", "judge") and arg:
+        if kind == "reward-model":
+            from aligndial.cliargs import check_model
+
+            check_model(f"--metric {kind}:", arg)
+        return
+    if kind == "pairwise-accuracy" and arg:
+        PairwiseAccuracy(arg).check(chat)
+        return
+    parse_metric(spec)
+
+
 class Length:
     name = "length"
 
@@ -92,8 +110,24 @@ class KL:
         responses = [rows[i]["token_ids"] for i in scored]
         logits = response_logits(scoring.model, contexts, responses, tok.pad_token_id or 0)
         for i, c, r, (h_ref, h_aligned) in zip(scored, contexts, responses, logits):
-            kl[i] = kl_to_ref(h_ref, h_aligned, position_lams(tok, c, r, row_lam(rows[i]), scoring.think_lam))
+            lams = position_lams(tok, c, r, row_lam(rows[i]), scoring.think_lam)
+            kl[i] = kl_to_ref(h_ref, h_aligned, lams, getattr(scoring.model, "pad_from", None))  # padded ids masked
         return kl
+
+
+@contextlib.contextmanager
+def _cwd_importable():
+    """The current directory importable while a reward module loads, as under `python -m`: a
+    console script's sys.path starts at its own bin directory, not at the user's."""
+    cwd = os.getcwd()
+    added = cwd not in sys.path and "" not in sys.path
+    if added:
+        sys.path.insert(0, cwd)
+    try:
+        yield
+    finally:
+        if added and cwd in sys.path:
+            sys.path.remove(cwd)
 
 
 class Reward:
@@ -107,9 +141,11 @@ class Reward:
         if not module or not function:
             raise ValueError(f"`reward:{target}` must be reward:module:function, e.g. reward:my_rewards:helpfulness")
         try:
-            self.fn = getattr(importlib.import_module(module), function)
+            with _cwd_importable():
+                self.fn = getattr(importlib.import_module(module), function)
         except ImportError as e:
-            raise ValueError(f"`reward:{target}`: cannot import module {module!r} ({e}); put it on PYTHONPATH") from None
+            raise ValueError(f"`reward:{target}`: cannot import module {module!r} ({e}); run from the directory "
+                             "that holds it, or put that directory on PYTHONPATH") from None
         except AttributeError:
             raise ValueError(f"`reward:{target}`: module {module!r} has no function {function!r}") from None
 
@@ -241,7 +277,13 @@ class PairwiseAccuracy:
     name = "pairwise-accuracy"
 
     def __init__(self, path: str):
+        self.path = path
         self.pairs = read_jsonl(path, required=("prompt", "chosen", "rejected"))
+
+    def check(self, chat: bool) -> None:
+        """Every row's fields, before any model loads: conversational rows need `chat`."""
+        for n, p in enumerate(self.pairs, 1):
+            _check_pair(p, chat, f"{self.path}: pair {n}")
 
     def __call__(self, lams: list[float], scoring: Scoring, batch_size: int = 8) -> dict[float, list[float]]:
         scores = pairwise_scores(scoring.model, scoring.tokenizer, self.pairs, lams, scoring.chat, scoring.think_lam,
@@ -249,23 +291,53 @@ class PairwiseAccuracy:
         return {lam: [s["correct"] for s in scores if s["lam"] == lam] for lam in lams}
 
 
+def _conversational(pair: dict) -> bool:
+    return any(isinstance(pair[k], list) for k in ("prompt", "chosen", "rejected"))
+
+
+def _check_pair(pair: dict, chat: bool, where: str) -> None:
+    for side in ("prompt", "chosen", "rejected"):
+        if not isinstance(pair[side], (str, list)):
+            raise ValueError(f"{where}: `{side}` must be a string or a list of messages; got {type(pair[side]).__name__}")
+        if not pair[side]:
+            raise ValueError(f"{where}: `{side}` is empty; Eq. 14 divides by the response's length")
+    if _conversational(pair) and not chat:
+        raise ValueError(f"{where} is conversational (lists of messages, as `train dpo` takes); add `--chat` to render "
+                         "it with the chat template")
+
+
+def pair_texts(tokenizer, pair: dict, chat: bool, n: int = 1) -> tuple[str, str, str]:
+    """(context, chosen, rejected) as text. String rows: the rendered prompt and the responses as
+    given. Conversational rows (TRL's preference format): the prompt rendered with the chat template
+    and a generation prompt; each response is what the template adds after it when the reply is
+    appended, end-of-turn tokens included, as TRL's DPO data processing splits it."""
+    if not _conversational(pair):
+        return render_prompts(tokenizer, [pair["prompt"]], chat)[0], pair["chosen"], pair["rejected"]
+    prompt = pair["prompt"] if isinstance(pair["prompt"], list) else [{"role": "user", "content": pair["prompt"]}]
+    context = render_prompts(tokenizer, [prompt], chat=True)[0]
+    sides = []
+    for side in ("chosen", "rejected"):
+        reply = pair[side] if isinstance(pair[side], list) else [{"role": "assistant", "content": pair[side]}]
+        full = tokenizer.apply_chat_template(prompt + reply, tokenize=False)
+        if not full.startswith(context):
+            raise ValueError(f"pair {n}: the chat template renders the prompt differently once the `{side}` reply "
+                             "follows it, so the reply cannot be split off; give the pair as strings")
+        sides.append(full[len(context):])
+    return context, sides[0], sides[1]
+
+
 def pairwise_scores(model, tokenizer, pairs: list[dict], lams: list[float], chat: bool = False,
                     think_lam: float | None = None, batch_size: int = 8) -> list[dict]:
     """One dict per (pair, λ): {"pair", "lam", "chosen", "rejected", "correct"}, where chosen and
     rejected are (1/|y|)·log π_λ(y|x) (DeRa Eq. 14). Two forwards per batch serve every λ."""
     out = []
+    for n, p in enumerate(pairs, 1):
+        _check_pair(p, chat, f"pair {n}")
     for start in range(0, len(pairs), batch_size):
         batch = pairs[start : start + batch_size]
-        contexts = [
-            tokenizer(text, add_special_tokens=not chat)["input_ids"]
-            for text in render_prompts(tokenizer, [p["prompt"] for p in batch], chat)
-        ]
-        for n, p in enumerate(batch, start):
-            for side in ("chosen", "rejected"):
-                if not p[side]:
-                    raise ValueError(f"pair {n}: `{side}` is empty; Eq. 14 divides by its length")
-        responses = [tokenizer(p[side], add_special_tokens=False)["input_ids"]
-                     for p in batch for side in ("chosen", "rejected")]
+        texts = [pair_texts(tokenizer, p, chat, n) for n, p in enumerate(batch, start + 1)]
+        contexts = [tokenizer(context, add_special_tokens=not chat)["input_ids"] for context, _, _ in texts]
+        responses = [tokenizer(text, add_special_tokens=False)["input_ids"] for _, *sides in texts for text in sides]
         logits = response_logits(model, [c for c in contexts for _ in range(2)], responses, tokenizer.pad_token_id or 0)
         for lam in lams:
             for j, p in enumerate(batch):
