@@ -115,3 +115,37 @@ def test_small_build_trains_every_stage_loadably_and_deterministically(tmp_path)
         assert summary["steps"] >= 1, stage
     assert sorted(p.name for p in (out / "adapter").iterdir()) == [
         "adapter_config.json", "adapter_model.safetensors", "training_summary.json"]
+
+
+def test_demo_shows_a_progress_bar_per_stage(capsys):
+    """`aligndial demo` takes tens of seconds: every stage reports progress on stderr (stdout stays
+    the report or the JSON)."""
+    from aligndial.demo.show import LAMS, run
+
+    result = run(BUNDLE, plot=None, n_problems=6)
+    out, err = capsys.readouterr()
+    assert out == "" and result["problems"] == 6
+    for desc, total in (("loading the bundled models", 1), ("DeRa: 6 problems at each λ", len(LAMS)),
+                        ("InRa: 6 problems at each λ", len(LAMS)), ("TrRa student", 1), ("greedy replies side by side", 8)):
+        assert f"[demo] {desc}: 100%" in err and f"{total}/{total}" in err, (desc, err)
+
+
+def test_demo_build_says_when_a_mismatch_comes_from_library_versions():
+    """A rebuild compares itself with the manifest it replaces: other library versions explain
+    different bytes, the same versions do not."""
+    from aligndial.demo.build import compare_manifests, versions
+
+    bundled = check_bundle(BUNDLE)
+    assert {"torch", "transformers", "trl", "tokenizers"} <= set(bundled["versions"])
+    assert {"accelerate", "safetensors", "numpy"} <= set(versions())  # recorded by new builds
+    rebuilt = json.loads(json.dumps(bundled))
+    assert compare_manifests(bundled, rebuilt).startswith("every file matches")
+    rebuilt["files"]["aligned/model.safetensors"]["sha256"] = "0" * 64
+    rebuilt["versions"]["transformers"] = "5.19.0"
+    line = compare_manifests(bundled, rebuilt)
+    assert line.startswith("1 of ") and "aligned/model.safetensors" in line
+    assert f"transformers {bundled['versions']['transformers']} there, 5.19.0 here" in line
+    rebuilt["versions"] = bundled["versions"]
+    assert "library versions match" in compare_manifests(bundled, rebuilt)
+    rebuilt["seed"] = 1
+    assert "built with other settings" in compare_manifests(bundled, rebuilt)

@@ -199,8 +199,32 @@ def check_bundle(root: Path) -> dict:
 def versions() -> dict[str, str]:
     from importlib.metadata import version
 
-    packages = ("aligndial", "torch", "transformers", "trl", "datasets", "tokenizers")
+    packages = ("aligndial", "torch", "transformers", "trl", "datasets", "tokenizers", "accelerate", "safetensors", "numpy")
     return {"python": platform.python_version(), **{p: version(p) for p in packages}}
+
+
+def compare_manifests(old: dict, new: dict) -> str:
+    """One line: does a rebuild reproduce the previous bundle's files, and if not, is that explained
+    by other library versions? The same seed and settings give byte-identical files only under the
+    same versions: another transformers or torch can initialise, order or round differently."""
+    old_files, new_files = old.get("files", {}), new["files"]
+    changed = sorted(k for k in new_files if old_files.get(k, {}).get("sha256") != new_files[k]["sha256"])
+    changed += sorted(k for k in old_files if k not in new_files)
+    if not changed:
+        return f"every file matches the previous bundle's sha256 ({len(new_files)} files)"
+    head = f"{len(changed)} of {len(new_files)} files differ from the previous bundle's sha256 ({', '.join(changed[:3])}"
+    head += ", ...)" if len(changed) > 3 else ")"
+    if (old.get("seed"), old.get("small"), old.get("config")) != (new["seed"], new["small"], new["config"]):
+        return f"{head}: it was built with other settings (`{old.get('command')}`), so this is expected"
+    old_v, new_v = old.get("versions", {}), new["versions"]
+    diff = [f"{k} {old_v[k]} there, {new_v[k]} here" for k in new_v if k in old_v and old_v[k] != new_v[k]]
+    if diff:
+        return (f"{head}: the library versions differ ({'; '.join(diff)}), which changes the weights' bytes; "
+                "install the recorded versions to reproduce it byte for byte")
+    if "versions" not in old:
+        return f"{head}: the previous manifest records no library versions, so the cause cannot be told"
+    return (f"{head} although seed, settings and library versions match: the machine differs "
+            f"({old.get('machine', {}).get('platform')} there) or the build is not deterministic here")
 
 
 def set_fields(path: Path, **fields) -> None:
@@ -295,6 +319,8 @@ def _build(out: Path, seed: int, small: bool, log) -> dict:
     }
     (staging / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
     staging.chmod(0o755)  # mkdtemp makes it private; the bundle is package data
+    if (out / "manifest.json").is_file():
+        log(f"[demo build] {compare_manifests(json.loads((out / 'manifest.json').read_text()), manifest)}")
     if out.exists():
         shutil.rmtree(out)
     os.replace(staging, out)

@@ -19,11 +19,12 @@ per held-out problem from π_λ and reports what a program can check:
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 from aligndial.demo import task
 from aligndial.demo.build import BUNDLE, check_bundle, quiet_single_thread
-from aligndial.demo.measure import measure, sweep
+from aligndial.demo.measure import measure
 
 LAMS = [-1.0, 0.0, 0.5, 1.0, 1.5, 2.0]
 EXAMPLE_LAMS = [-1.0, 0.0, 1.0, 2.0]
@@ -45,26 +46,43 @@ def load_bundle(root: Path) -> dict:
     return {"manifest": manifest, "tokenizer": dera.tokenizer, "DeRa": dera, "InRa": inra, "TrRa": trra}
 
 
-def run(root: Path = BUNDLE, plot: str | None = "aligndial-demo.png") -> dict:
-    """Sweep λ for DeRa and InRa, measure the TrRa student, greedy replies side by side, the plot."""
-    models = load_bundle(Path(root))
+def stage(desc: str, total: int):
+    """One progress bar per stage on stderr (stdout carries the report or the JSON)."""
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=f"[demo] {desc}", unit="step", file=sys.stderr, leave=True, dynamic_ncols=True)
+
+
+def run(root: Path = BUNDLE, plot: str | None = "aligndial-demo.png", n_problems: int = N_PROBLEMS) -> dict:
+    """Sweep λ for DeRa and InRa, measure the TrRa student, greedy replies side by side, the plot.
+    Each stage shows a progress bar on stderr."""
+    with stage("loading the bundled models", 1) as bar:
+        models = load_bundle(Path(root))
+        bar.update()
     tok = models["tokenizer"]
-    problems = task.problems(N_PROBLEMS, SEED, "eval")
+    problems = task.problems(n_problems, SEED, "eval")
     trra_lam = models["manifest"]["config"]["trra_lam"]
     result = {"models": str(root), "build": models["manifest"]["command"], "problems": len(problems), "seed": SEED,
               "sweep": [], "trra": None, "examples": []}
     for method in ("DeRa", "InRa"):
-        for row in sweep(models[method], tok, problems, LAMS, SEED):
-            result["sweep"].append({"method": method, **{k: v for k, v in row.items() if k != "replies"}})
-    result["trra"] = {"distilled_at": trra_lam, **{k: v for k, v in measure(models["TrRa"], tok, problems, 1.0, SEED).items()
-                                                    if k not in ("replies", "lam")}}
+        with stage(f"{method}: {len(problems)} problems at each λ", len(LAMS)) as bar:
+            for lam in LAMS:
+                row = measure(models[method], tok, problems, lam, SEED)
+                result["sweep"].append({"method": method, **{k: v for k, v in row.items() if k != "replies"}})
+                bar.update()
+    with stage("TrRa student", 1) as bar:
+        result["trra"] = {"distilled_at": trra_lam, **{k: v for k, v in measure(models["TrRa"], tok, problems, 1.0, SEED).items()
+                                                        if k not in ("replies", "lam")}}
+        bar.update()
     shown = [next(p for p in problems if len(p.steps) == ops) for ops in (1, 2, 3)]
-    for method in ("DeRa", "InRa"):
-        for lam in EXAMPLE_LAMS:
-            replies = measure(models[method], tok, shown, lam, greedy=True)["replies"]
-            for p, text in zip(shown, replies):
-                result["examples"].append({"method": method, "lam": lam, "prompt": p.prompt, "answer": p.answer,
-                                           "reply": text, **task.score(text, p.answer)})
+    with stage("greedy replies side by side", 2 * len(EXAMPLE_LAMS)) as bar:
+        for method in ("DeRa", "InRa"):
+            for lam in EXAMPLE_LAMS:
+                replies = measure(models[method], tok, shown, lam, greedy=True)["replies"]
+                for p, text in zip(shown, replies):
+                    result["examples"].append({"method": method, "lam": lam, "prompt": p.prompt, "answer": p.answer,
+                                               "reply": text, **task.score(text, p.answer)})
+                bar.update()
     if plot:
         result["plot"] = write_plot(result, plot)
     return result
