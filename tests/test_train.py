@@ -13,8 +13,7 @@ from transformers import AutoModelForCausalLM, TrainerCallback
 
 from aligndial.adapter import decoder_layers, load_adapter
 from aligndial.dualpath import DualPathModel
-from aligndial.train.common import latest_checkpoint
-from aligndial.train.data import load_data, validate
+from aligndial.train.data import load_data, read_data, validate
 from aligndial.train.distill import TrRaConfig, train_distill, trra_loss
 from aligndial.train.dpo import AdapterDPOConfig, train_dpo
 from aligndial.train.sft import AdapterSFTConfig, train_sft
@@ -173,37 +172,14 @@ def test_distill_adapter_student_measures_dual_path_agreement(tmp_path, model_di
     assert os.path.exists(os.path.join(out, "adapter_model.safetensors"))
 
 
-def test_resume_reaches_the_same_weights(tmp_path, model_dirs, data):
-    base_dir = model_dirs["llama"][0]
-
-    class Kill(TrainerCallback):
-        def on_step_end(self, args, state, control, **kwargs):
-            if state.global_step == 5:
-                raise KeyboardInterrupt("simulated kill")
-
-    full = Capture()
-    train_sft(base_dir, data["sft"], AdapterSFTConfig(**common_args(tmp_path / "a", learning_rate=3e-3)), callbacks=[full])
-    killed_dir = tmp_path / "b"
-    with pytest.raises(KeyboardInterrupt):
-        train_sft(base_dir, data["sft"], AdapterSFTConfig(**common_args(killed_dir, learning_rate=3e-3)), callbacks=[Kill()])
-    # A save interrupted later would only ever leave a .tmp directory, which resume skips.
-    os.makedirs(killed_dir / ".tmp-checkpoint-6" / "checkpoint-6")
-    assert latest_checkpoint(str(killed_dir)).endswith("checkpoint-4")
-    resumed = Capture()
-    train_sft(base_dir, data["sft"], AdapterSFTConfig(**common_args(killed_dir, learning_rate=3e-3, resume=True)), callbacks=[resumed])
-    a = dict(decoder_layers(full.model)[0].named_parameters())
-    b = dict(decoder_layers(resumed.model)[0].named_parameters())
-    assert all(torch.equal(a[k], b[k]) for k in a)
-    assert not os.path.exists(killed_dir / ".tmp-checkpoint-6")
-
-
 def test_same_seed_same_losses(tmp_path, model_dirs, data):
     runs = []
     for name in ("x", "y"):
         cap = Capture()
-        train_sft(model_dirs["gpt2"][0], data["sft"], AdapterSFTConfig(**common_args(tmp_path / name, learning_rate=3e-3)), callbacks=[cap])
+        args = AdapterSFTConfig(**{**common_args(tmp_path / name, learning_rate=3e-3), "max_steps": 3, "save_steps": 10})
+        train_sft(model_dirs["gpt2"][0], data["sft"], args, callbacks=[cap])
         runs.append([h["loss"] for h in cap.history if "loss" in h])
-    assert runs[0] == runs[1] and len(runs[0]) == 6
+    assert runs[0] == runs[1] and len(runs[0]) == 3
 
 
 def test_nan_loss_stops_training_cleanly(tmp_path, model_dirs, data):
@@ -216,12 +192,12 @@ def test_nan_loss_stops_training_cleanly(tmp_path, model_dirs, data):
             )
 
     out = tmp_path / "nan"
-    with pytest.raises(FloatingPointError, match="non-finite loss .* at step 3"):
+    with pytest.raises(FloatingPointError, match="^step 3: the loss is nan; stopped before the optimizer step"):
         train_sft(model_dirs["llama"][0], data["sft"], AdapterSFTConfig(**common_args(out, learning_rate=3e-3)), callbacks=[InjectNaN()])
     assert not os.path.exists(out / "adapter_model.safetensors")
     from safetensors.torch import load_file
 
-    weights = load_file(out / "checkpoint-2" / "model.safetensors")
+    weights = load_file(out / "checkpoint-2" / "adapter_model.safetensors")
     assert all(torch.isfinite(t).all() for t in weights.values())
 
 
@@ -229,9 +205,9 @@ def test_nan_loss_stops_training_cleanly(tmp_path, model_dirs, data):
     "row, kind, message",
     [
         ({"prompt": "p", "rejected": "r"}, "preference", "missing \\['chosen'\\]"),
-        ({"prompt": "", "chosen": "c", "rejected": "r"}, "preference", "row 1: field `prompt` is empty"),
-        ({"prompt": "p", "chosen": 3, "rejected": "r"}, "preference", "row 1: field `chosen` must be a string"),
-        ({"messages": [{"role": "user"}]}, "sft", "row 1: `messages\\[0\\]`"),
+        ({"prompt": "", "chosen": "c", "rejected": "r"}, "preference", "d.jsonl:2: field `prompt` is empty"),
+        ({"prompt": "p", "chosen": 3, "rejected": "r"}, "preference", "d.jsonl:2: field `chosen` must be a string"),
+        ({"messages": [{"role": "user"}]}, "sft", "d.jsonl:2: `messages\\[0\\]`"),
     ],
 )
 def test_malformed_rows_are_named(tmp_path, row, kind, message):
@@ -242,7 +218,7 @@ def test_malformed_rows_are_named(tmp_path, row, kind, message):
     else:
         path.write_text(json.dumps(good) + "\n" + json.dumps(row) + "\n")
     with pytest.raises(ValueError, match=message):
-        validate(load_data(str(path)), kind)
+        read_data(str(path), kind)
 
 
 def test_cli_train_dpo_json(tmp_path, model_dirs, data, capsys):

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from trl import DPOConfig, DPOTrainer
 
 from aligndial.train.common import RecipeArgs, RobustTrainerMixin, run_recipe
-from aligndial.train.data import load_data, validate
+from aligndial.train.data import read_data
 
 
 @dataclass
@@ -43,4 +43,5 @@ class _DPOTrainer(RobustTrainerMixin, DPOTrainer):
 
 
 def train_dpo(model: str, data: str, args: AdapterDPOConfig, trust_remote_code: bool = False, callbacks=None) -> str:
-    return run_recipe(_DPOTrainer, model, validate(load_data(data), "preference"), args, trust_remote_code, callbacks)
+    return run_recipe(_DPOTrainer, model, read_data(data, "preference"), args, trust_remote_code, callbacks,
+                      recipe="dpo")

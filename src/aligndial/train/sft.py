@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from trl import SFTConfig, SFTTrainer
 
 from aligndial.train.common import RecipeArgs, RobustTrainerMixin, run_recipe
-from aligndial.train.data import load_data, validate
+from aligndial.train.data import read_data
 
 
 @dataclass
@@ -27,4 +27,5 @@ class _SFTTrainer(RobustTrainerMixin, SFTTrainer):
 
 
 def train_sft(model: str, data: str, args: AdapterSFTConfig, trust_remote_code: bool = False, callbacks=None) -> str:
-    return run_recipe(_SFTTrainer, model, validate(load_data(data), "sft"), args, trust_remote_code, callbacks)
+    return run_recipe(_SFTTrainer, model, read_data(data, "sft"), args, trust_remote_code, callbacks,
+                      recipe="sft")
