@@ -364,11 +364,16 @@ def _read_weights(adapter_dir: Path, allow_pickle: bool) -> dict[str, torch.Tens
     if not pickles:
         raise ValueError(f"{adapter_dir} has no {WEIGHTS_NAME}")
     if not allow_pickle:
+        # The fix must work from the CLI, which has no allow_pickle flag: a shell one-liner that
+        # loads tensors only (weights_only=True runs no pickled code) and writes safetensors.
+        convert = (
+            f"python -c \"import torch, safetensors.torch as st; st.save_file(torch.load({str(pickles[0])!r}, "
+            f"weights_only=True), {str(path)!r})\""
+        )
         raise ValueError(
             f"{adapter_dir} has only the pickle file {pickles[0].name}, and aligndial requires {WEIGHTS_NAME}: "
-            "unpickling can run arbitrary code. If you trust the file, convert it once with "
-            f"`safetensors.torch.save_file(torch.load('{pickles[0]}', weights_only=True), "
-            f"'{path}')`, or pass allow_pickle=True (loads with torch.load(weights_only=True))"
+            f"unpickling can run arbitrary code. If you trust the file, convert it once with: {convert} "
+            "(in Python, load_adapter(..., allow_pickle=True) does the same load)"
         )
     try:
         return torch.load(pickles[0], map_location="cpu", weights_only=True)

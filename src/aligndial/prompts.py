@@ -16,38 +16,60 @@ import json
 from pathlib import Path
 
 
+def decode_utf8(path: str | Path, data: bytes) -> str:
+    """`data` (the bytes of `path`) as text; a non-UTF-8 byte is reported with its file, line and
+    column, 1-based (a latin-1 or cp1252 export is the usual cause)."""
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        line = data[: e.start].count(b"\n") + 1
+        column = e.start - (data.rfind(b"\n", 0, e.start) + 1) + 1
+        raise ValueError(
+            f"{path}:{line}: not valid UTF-8 (byte 0x{data[e.start]:02x} at column {column}); "
+            "re-save the file as UTF-8"
+        ) from None
+
+
+def read_jsonl_lines(path: str | Path, required: tuple[str, ...] = ()) -> list[tuple[int, dict]]:
+    """(line number, object) for each non-blank line of a JSONL file, lines counted from 1.
+    Errors name the file, the line and the problem (not UTF-8, not JSON, not an object, a
+    missing field); an empty file is an error."""
+    with open(path, "rb") as f:
+        text = decode_utf8(path, f.read())
+    rows = []
+    for n, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}:{n}: not valid JSON ({e.msg} at column {e.colno})") from None
+        if not isinstance(row, dict):
+            raise ValueError(f"{path}:{n}: each line must be a JSON object; got {type(row).__name__}")
+        missing = [k for k in required if k not in row]
+        if missing:
+            raise ValueError(f"{path}:{n}: missing field(s) {', '.join(map(repr, missing))}; got {sorted(row)}")
+        rows.append((n, row))
+    if not rows:
+        raise ValueError(f"{path} holds no rows" + (" (the file is empty)" if not text else ""))
+    return rows
+
+
 def read_jsonl(path: str | Path, required: tuple[str, ...] = ()) -> list[dict]:
     """Objects of a JSONL file; errors name the file, the line and the missing field."""
-    rows = []
-    with open(path) as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{n}: not valid JSON ({e.msg})") from None
-            if not isinstance(row, dict):
-                raise ValueError(f"{path}:{n}: each line must be a JSON object; got {type(row).__name__}")
-            missing = [k for k in required if k not in row]
-            if missing:
-                raise ValueError(f"{path}:{n}: missing field(s) {', '.join(map(repr, missing))}; got {sorted(row)}")
-            rows.append(row)
-    if not rows:
-        raise ValueError(f"{path} holds no rows")
-    return rows
+    return [row for _, row in read_jsonl_lines(path, required)]
 
 
 def load_prompts(path: str | Path) -> list[dict]:
     """Rows with a non-empty `prompt` (text) or `messages` (chat turns), other fields kept."""
-    rows = read_jsonl(path)
-    for n, row in enumerate(rows, 1):
+    numbered = read_jsonl_lines(path)
+    for n, row in numbered:
         value = row.get("prompt", row.get("messages"))
         if not value or not isinstance(value, (str, list)):
-            raise ValueError(f"{path}: row {n} needs a non-empty `prompt` string or `messages` list; got {row!r}")
+            raise ValueError(f"{path}:{n}: needs a non-empty `prompt` string or `messages` list; got {row!r}")
         if isinstance(value, list) and n_turns(value) == 0:
-            raise ValueError(f"{path}: row {n} has `messages` but no unanswered user turn; end it with a user turn")
-    return rows
+            raise ValueError(f"{path}:{n}: has `messages` but no unanswered user turn; end it with a user turn")
+    return [row for _, row in numbered]
 
 
 def prompt_of(row: dict) -> str | list[dict]:
