@@ -214,6 +214,12 @@ class LoraPair(MixedLM):
         for layer in lora_layers:
             layer.__class__ = routed
             layer._aligndial_rows = self._rows
+        # The dual path's few-row product for the base linears, chosen at the first mixed forward:
+        # every base weight multiplies (K+1)·B rows, which stock F.linear pays for nearly per row
+        # on some CPUs (see aligndial.dualpath). Never on the single-source paths (λ=0 / λ=1).
+        lora_parts = {id(m) for layer in lora_layers for d in (layer.lora_A, layer.lora_B) for m in d.values()}
+        self._plain_linears = [m for m in model.base_model.modules() if type(m) is nn.Linear and id(m) not in lora_parts]
+        self._few_rows = None  # the router the few-row linears read; None until decided
         head = model.get_output_embeddings()
         # Mixing hidden states before the head is exact only for one plain linear head (a LoRA
         # on the head makes it differ per source; Gemma's soft-cap makes it non-linear).
@@ -277,6 +283,20 @@ class LoraPair(MixedLM):
                              "start a new cache, or pass run_all=True from the first step")
         return cache.sources
 
+    def _install_few_rows(self, device: torch.device) -> None:
+        from aligndial.dualpath import _install_few_rows_linear, _Router, few_rows_product
+
+        self._few_rows = _Router(False)
+        if not self._plain_linears:
+            return
+        dtype = self._plain_linears[0].weight.dtype
+        choice = few_rows_product(dtype, device)
+        if choice is None:
+            return
+        for module in self._plain_linears:
+            if module.weight.dtype is dtype and module.weight.is_contiguous():
+                _install_few_rows_linear(module, self._few_rows, *choice, dtype)
+
     def forward(
         self,
         input_ids: torch.LongTensor,
@@ -313,6 +333,9 @@ class LoraPair(MixedLM):
             if n == 1:  # λ=0 or λ=1 in every row: exactly the base model, or exactly the adapted one
                 logits = self.base(input_ids=input_ids, logits_to_keep=logits_to_keep, **inputs).logits
             else:
+                if self._few_rows is None:
+                    self._install_few_rows(input_ids.device)
+                self._few_rows.mode = "dual"
                 if self.mix_before_head and n == 2:
                     hidden = self.base.base_model(input_ids=input_ids, **inputs).last_hidden_state
                     if logits_to_keep:
@@ -327,4 +350,6 @@ class LoraPair(MixedLM):
                     logits = mix_logits(per_source[0], per_source[1:], lam.to(both.device))
         finally:
             self._rows.spans = self._rows.peft_names = None
+            if self._few_rows is not None:
+                self._few_rows.mode = "all"
         return CausalLMOutputWithPast(logits=logits, past_key_values=past_key_values)
