@@ -282,3 +282,22 @@ def test_vllm_exports_print_a_serve_command_that_loads_the_export(capsys, tmp_pa
         command = stdout.split("serve it with `")[1].rstrip().rstrip("`")
         parsed = _vllm_server_args(command)
         assert parsed.model == str(out) and parsed.dtype == "float32"
+
+
+def test_enforce_eager_starts_vllm_without_compiling(capsys, tmp_path):
+    """`--enforce-eager` reaches vLLM's engine (its log lists it and says compilation is off), the
+    rows are the HF engine's greedy tokens, and the hf engine refuses the flag in one line."""
+    from aligndial.demo.build import BUNDLE
+
+    ref, adapter = str(BUNDLE / "ref"), str(BUNDLE / "adapter")
+    argv = ["generate", "--model", ref, "--adapter", adapter, "--lam", "0.5", "--prompt", "Tom has 3 pens.",
+            "--max-new-tokens", "8", "--json"]
+    proc = subprocess.run([sys.executable, "-m", "aligndial.cli", *argv, "--engine", "vllm", "--enforce-eager"],
+                          capture_output=True, text=True, timeout=900,
+                          env={**os.environ, "HF_HUB_OFFLINE": "1", "VLLM_CPU_KVCACHE_SPACE": "1"})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "'enforce_eager': True" in proc.stderr and "disabling torch.compile" in proc.stderr
+    code, out, _ = run(capsys, *argv)
+    assert code == 0 and json.loads(proc.stdout)["token_ids"] == json.loads(out)["token_ids"]
+    code, _, err = run(capsys, *argv, "--enforce-eager")
+    assert code == 2 and "`--enforce-eager` applies to `--engine vllm`" in err

@@ -308,6 +308,9 @@ def _add_model_flags(p, pair: bool = True, adapter: bool = True) -> None:
 def _add_tensor_parallel_flag(p) -> None:
     p.add_argument("--tensor-parallel-size", type=int, default=None,
                    help="with --engine vllm: shard the model over this many devices (vLLM tensor parallelism)")
+    p.add_argument("--enforce-eager", action="store_true",
+                   help="with --engine vllm: skip vLLM's compilation and graph capture: the engine starts much faster "
+                        "and decodes slower (for CPU and development; docs/vllm.md gives both costs)")
 
 
 def make_parser() -> argparse.ArgumentParser:

@@ -157,6 +157,9 @@ def check_args(args) -> str:
             raise ValueError(f"`--tensor-parallel-size` must be ≥ 1; got {tp}")
     elif tp not in (None, 1):
         raise ValueError("`--tensor-parallel-size` applies to `--engine vllm`; the hf engine runs on one device")
+    elif getattr(args, "enforce_eager", False):
+        raise ValueError("`--enforce-eager` applies to `--engine vllm` (it skips vLLM's compilation); the hf engine "
+                         "never compiles")
     return engine
 
 

@@ -114,7 +114,8 @@ def run_vllm(args, settings) -> int:
         path, n_aligned = model_dir(args, workdir, settings.default_lam)
         tokenizer = load_tokenizer(path, args.trust_remote_code)
         kw = engine_kwargs(path, args.dtype, settings.max_concurrency,
-                           tensor_parallel_size=getattr(args, "tensor_parallel_size", None) or 1)
+                           tensor_parallel_size=getattr(args, "tensor_parallel_size", None) or 1,
+                           enforce_eager=getattr(args, "enforce_eager", False))
         engine = VLLMEngine(kw, tokenizer, n_aligned,
                             context_length(path, tokenizer), settings.max_concurrency, settings.max_queue)
         return _serve(engine, settings)

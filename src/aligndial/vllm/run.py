@@ -89,7 +89,7 @@ def context_length(path: str, tokenizer) -> int:
 
 
 def engine_kwargs(path: str, dtype: str | None, max_num_seqs: int, max_model_len: int | None = None,
-                  tensor_parallel_size: int = 1) -> dict:
+                  tensor_parallel_size: int = 1, enforce_eager: bool = False) -> dict:
     """Keyword arguments for vLLM's `LLM` / `AsyncEngineArgs`. The dtype defaults to the
     checkpoint's own, as on the HF engine."""
     if dtype is None:
@@ -100,6 +100,8 @@ def engine_kwargs(path: str, dtype: str | None, max_num_seqs: int, max_model_len
     kw = dict(model=path, dtype=dtype, max_num_seqs=max_num_seqs)
     if tensor_parallel_size != 1:
         kw["tensor_parallel_size"] = tensor_parallel_size
+    if enforce_eager:  # no torch.compile / graph capture: a much faster start, slower decoding
+        kw["enforce_eager"] = True
     if max_model_len is not None:
         kw["max_model_len"] = max_model_len
     return kw
@@ -220,7 +222,8 @@ class VLLMBatchEngine:
         os.environ.setdefault("VLLM_LOGGING_STREAM", "ext://sys.stderr")  # stdout carries only the rows (`--json`)
         from vllm import LLM
 
-        kw = engine_kwargs(self.path, self.args.dtype, max_num_seqs, tensor_parallel_size=self.tensor_parallel_size)
+        kw = engine_kwargs(self.path, self.args.dtype, max_num_seqs, tensor_parallel_size=self.tensor_parallel_size,
+                           enforce_eager=getattr(self.args, "enforce_eager", False))
         with restored_env(*CPU_LAYOUT_VARS):  # vLLM reads them while it starts; later engines choose their own
             if self.tensor_parallel_size == 1:
                 offline_on_cpu()
