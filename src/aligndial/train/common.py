@@ -339,10 +339,11 @@ def describe(recipe: str, args: RecipeArgs) -> str:
     """One line with the settings that decide what a run learns, defaults marked as such."""
     lr = f"learning_rate {args.learning_rate:g}" + (f" (default for {args.mode})" if getattr(args, "learning_rate_is_default", False) else "")
     length = f"max_steps {args.max_steps}" if args.max_steps > 0 else f"{args.num_train_epochs:g} epoch(s)"
-    precision = "bf16 autocast" if args.bf16 else "fp16 autocast" if args.fp16 else "float32"
-    extra = "".join(f", {k} {getattr(args, k)}" for k in ("beta", "lam") if hasattr(args, k))
+    precision = "float32 weights" + (", bf16 autocast" if args.bf16 else ", fp16 autocast" if args.fp16 else "")
+    keys = {"dpo": ("beta",), "distill": ("lam", "student", "on_policy_fraction")}.get(recipe, ())
+    extra = "".join(f", {k} {getattr(args, k)}" for k in keys)
     return (f"aligndial train {recipe}: {args.mode}, {lr}, {length}, batch {args.per_device_train_batch_size}"
-            f"x{args.gradient_accumulation_steps}{extra}, {precision} over float32 weights, seed {args.seed}, "
+            f"x{args.gradient_accumulation_steps}{extra}, {precision}, seed {args.seed}, "
             f"log first/last/every {args.logging_steps:g} steps, checkpoints every {args.save_steps:g} steps -> {args.output_dir}")
 
 
