@@ -16,7 +16,6 @@ imports, so the interpreter and libraries do not dilute the ratio).
 """
 
 import argparse
-import functools
 import json
 import os
 import subprocess
@@ -26,7 +25,7 @@ import torch
 
 from aligndial.adapter import decoder_layers, insert_adapter, merge_adapter
 from aligndial.dualpath import DualPathModel
-from common import Decoder, interleaved_steps, lam_speed_rows, llama_50m, prompt_ids, speed_row, table
+from common import NEW_TOKENS, Decoder, interleaved_steps, lam_speed_rows, llama_50m, prompt_ids, speed_row, table
 
 
 def with_adapter(dtype):
@@ -59,12 +58,11 @@ def ceiling_rows(plain, dtype, ids, rounds) -> list[dict]:
     ]
 
 
-@functools.cache
 def few_rows_wins(dtype) -> bool:
-    """Whether the dual path installs its few-row product on this CPU (its own timed decision)."""
-    probe = adapted(dtype)
-    probe._install_few_rows(2)
-    return any("forward" in m.__dict__ for m in probe._plain_linears)
+    """Whether the dual path installs its few-row product on this CPU (`few_rows_product`'s rule)."""
+    from aligndial.dualpath import few_rows_product
+
+    return few_rows_product(dtype, torch.device("cpu")) is not None
 
 
 def with_few_rows(model, dtype):
@@ -72,15 +70,52 @@ def with_few_rows(model, dtype):
     wherever the dual path installs it here: the like-for-like baseline. Our bf16 kernel beats
     stock at one row too on some CPUs, so a ratio against stock plain would credit the dual path
     with a kernel the plain model could also use."""
-    from aligndial.dualpath import _few_rows_linear, _few_rows_product, _Router
+    from aligndial.dualpath import _install_few_rows_linear, _Router, few_rows_product
 
-    if few_rows_wins(dtype):
-        router, product = _Router(), _few_rows_product(dtype)
+    choice = few_rows_product(dtype, torch.device("cpu"))
+    if choice is not None:
+        router = _Router(returns_tuple=False)
         router.mode = "dual"  # always on: every few-row forward of this model takes the product
         for m in decoder_layers(model).modules():
             if type(m) is torch.nn.Linear:
-                m.forward = _few_rows_linear(m, router, product, dtype)
+                _install_few_rows_linear(m, router, *choice, dtype)
     return model
+
+
+def cli_rows(rounds: int, dtypes) -> list[dict]:
+    """What a user sees: `aligndial generate --max-new-tokens 128 --json`, batch 1, λ=0.5 on the
+    dual path against the plain model (`--model` alone), `tokens_per_second` from its output,
+    best of `rounds` fresh processes per side, the sides alternating. Each run must produce
+    all 128 tokens (a random model that emits EOS early would time fewer)."""
+    import tempfile
+
+    from aligndial.adapter import save_adapter
+    from aligndial.tiny import build_tokenizer
+
+    root = tempfile.mkdtemp(prefix="aligndial-bench-")
+    plain_dir, adapter_dir = os.path.join(root, "plain"), os.path.join(root, "adapter")
+    llama_50m(0).save_pretrained(plain_dir)
+    build_tokenizer().save_pretrained(plain_dir)
+    save_adapter(with_adapter(torch.float32), adapter_dir)
+    aligndial = os.path.join(os.path.dirname(sys.executable), "aligndial")
+    rows = []
+    for dtype in dtypes:
+        name = str(dtype).removeprefix("torch.")
+        base = [aligndial, "generate", "--model", plain_dir, "--prompt", "The quick brown fox", "--max-new-tokens",
+                str(NEW_TOKENS), "--dtype", name, "--json"]
+        sides = {"plain": base, "dual": base + ["--adapter", adapter_dir, "--lam", "0.5"]}
+        best = {k: 0.0 for k in sides}
+        for _ in range(rounds):
+            for side, cmd in sides.items():
+                out = subprocess.run(cmd, capture_output=True, text=True, check=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+                row = json.loads(out.stdout.strip().splitlines()[-1])
+                assert len(row["token_ids"]) == NEW_TOKENS, f"{side} stopped after {len(row['token_ids'])} tokens"
+                best[side] = max(best[side], row["tokens_per_second"])
+        row = {"dtype": name, "lam": 0.5, "plain_tok_s": best["plain"], "mixed_tok_s": best["dual"],
+               "ratio": round(best["dual"] / best["plain"], 3)}
+        print("measured CLI", row, file=sys.stderr, flush=True)
+        rows.append(row)
+    return rows
 
 
 def step_rows(dtype, ids, rounds, instances) -> list[dict]:
@@ -140,26 +175,45 @@ def main():
     parser.add_argument("--threads", type=int, default=2, help="torch threads (1 gives steadier numbers on a busy machine)")
     parser.add_argument("--rounds", type=int, default=5, help="alternating rounds per ratio (median)")
     parser.add_argument("--instances", type=int, default=3, help="model instances per side in the per-step table")
+    parser.add_argument("--cli-rounds", type=int, default=2, help="CLI processes per side (best of)")
+    parser.add_argument("--only", choices=["all", "cli", "steps", "generate"], default="all",
+                        help="run one part: the CLI-level ratio, the per-step table, or whole generations")
+    parser.add_argument("--dtype", choices=["both", "float32", "bfloat16"], default="both")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    dtypes = [torch.float32, torch.bfloat16] if args.dtype == "both" else [getattr(torch, args.dtype)]
     ids = prompt_ids()
-    rows, steps = [], []
-    for dtype in (torch.float32, torch.bfloat16):
-        steps += step_rows(dtype, ids, args.rounds, args.instances)
-        print("measured per step", steps[-7:], file=sys.stderr, flush=True)
-        plain = llama_50m(0, dtype)
-        rows += lam_speed_rows(plain, adapted(dtype), ids, dtype, repeats=args.rounds)
-        rows += ceiling_rows(plain, dtype, ids, args.rounds)
-    plain_mib, dual_mib = peak_memory("plain"), peak_memory("dual")
-    memory = {"plain_mib": round(plain_mib, 1), "dual_mib": round(dual_mib, 1), "ratio": round(dual_mib / plain_mib, 3)}
+    rows, steps, cli, memory = [], [], [], None
+    if args.only in ("all", "cli"):
+        cli = cli_rows(args.cli_rounds, dtypes)
+    for dtype in dtypes:
+        if args.only in ("all", "steps"):
+            steps += step_rows(dtype, ids, args.rounds, args.instances)
+            print("measured per step", steps[-7:], file=sys.stderr, flush=True)
+        if args.only in ("all", "generate"):
+            plain = llama_50m(0, dtype)
+            rows += lam_speed_rows(plain, adapted(dtype), ids, dtype, repeats=args.rounds)
+            rows += ceiling_rows(plain, dtype, ids, args.rounds)
+    if args.only == "all":
+        plain_mib, dual_mib = peak_memory("plain"), peak_memory("dual")
+        memory = {"plain_mib": round(plain_mib, 1), "dual_mib": round(dual_mib, 1), "ratio": round(dual_mib / plain_mib, 3)}
+    load = os.getloadavg()
     if args.json:
-        print(json.dumps({"speed": rows, "speed_per_step": steps, "memory_fp32": memory}))
-    else:
-        print("Dual-path decode speed ÷ plain model (batch 1, 128 new tokens, median of alternating rounds)")
+        print(json.dumps({"cli": cli, "speed": rows, "speed_per_step": steps, "memory_fp32": memory, "loadavg": load}))
+        return
+    print(f"load average at the end: {load[0]:.2f} (1 min), {load[1]:.2f} (5 min) on {os.cpu_count()} CPUs")
+    if cli:
+        print(f"\nThrough the CLI: `aligndial generate --max-new-tokens {NEW_TOKENS} --json`, batch 1, "
+              f"tokens_per_second, best of {args.cli_rounds} processes per side")
+        print(table([tuple(r.values()) for r in cli], tuple(cli[0])))
+    if rows:
+        print("\nDual-path decode speed ÷ plain model (batch 1, 128 new tokens, median of alternating rounds)")
         print(table([tuple(r.values()) for r in rows], tuple(rows[0])))
+    if steps:
         print("\nPer decode step, the sides taking turns at every step (median step; tok/s = 1 / step;"
               " like_for_like: ÷ plain + the dual path's few-row product)")
         print(table([tuple(r.values()) for r in steps], tuple(steps[0])))
+    if memory:
         print(f"\nPeak memory (fp32, λ=0.5): plain {memory['plain_mib']} MiB, dual path {memory['dual_mib']} MiB, ratio {memory['ratio']}")
 
 

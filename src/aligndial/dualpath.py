@@ -16,7 +16,7 @@ Both mixes go through `aligndial.mixing`. Fast paths: λ=0 in every row skips th
 
 from __future__ import annotations
 
-import time
+import platform
 from collections.abc import Callable
 
 import torch
@@ -26,113 +26,137 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from aligndial.adapter import decoder_layers, load_adapter
 from aligndial.generation import MixedLM
-from aligndial.kernels import MAX_ROWS, few_rows_bf16
-from aligndial.mixing import LamLike, mix_hidden, mix_logits
+from aligndial.kernels import MAX_ROWS, few_rows_bf16, kernels_enabled
+from aligndial.mixing import LamLike, active_sources, mix_hidden, mix_logits
 
 # Decoder layers that return (hidden_states, attn_weights) instead of a tensor (transformers 5.x).
 _TUPLE_LAYERS = {"falcon"}
 
 
 class _Router:
-    """Which rows the adapter layers transform in the current forward."""
+    """Which rows the adapter layers transform in the current forward of one model.
 
-    def __init__(self):
+    One per model instance, kept on the model (`model._aligndial_router`) and on every module
+    that reads it: two DualPathModels over one model share it, and `copy.deepcopy` of either
+    copies it once, with the modules that read it."""
+
+    def __init__(self, returns_tuple: bool):
         self.mode = "all"  # "all" rows, "skip" the adapter, or "dual": only rows [batch, 2·batch)
         self.batch = 0
+        self.returns_tuple = returns_tuple
+
+
+def _router_of(model) -> _Router:
+    router = model.__dict__.get("_aligndial_router")
+    if router is None:
+        router = _Router(model.config.model_type in _TUPLE_LAYERS)
+        model._aligndial_router = router  # a plain attribute: not a parameter, not saved
+    return router
 
 
 def _aligned_rows(x, batch: int):
-    """The aligned half of every per-row argument (tensors with 2B rows, and tuples of them)."""
-    if isinstance(x, torch.Tensor) and x.ndim > 0 and x.shape[0] == 2 * batch:
+    """The aligned half of every per-row argument (tensors with 2B rows, and tuples of them).
+    1-D tensors are not per row (`cache_position` has one entry per position, and a prompt of
+    2B tokens must not be cut)."""
+    if isinstance(x, torch.Tensor) and x.ndim > 1 and x.shape[0] == 2 * batch:
         return x[batch:]
     if isinstance(x, tuple):
         return tuple(_aligned_rows(v, batch) for v in x)
     return x
 
 
-def _routed(layer_forward, router: _Router, returns_tuple: bool):
-    def forward(hidden_states, *args, **kwargs):
-        if router.mode == "all":
-            return layer_forward(hidden_states, *args, **kwargs)
-        if router.mode == "skip":
-            return (hidden_states, None) if returns_tuple else hidden_states
-        b = router.batch
-        out = layer_forward(
-            hidden_states[b:],
-            *(_aligned_rows(a, b) for a in args),
-            **{k: _aligned_rows(v, b) for k, v in kwargs.items()},
-        )
-        h = torch.cat([hidden_states[:b], out[0] if returns_tuple else out], dim=0)
-        return (h, *out[1:]) if returns_tuple else h
+_ROUTED: dict[type, type] = {}
 
-    return forward
+
+def _routed_class(cls: type) -> type:
+    """`cls` with a `__call__` that routes rows by the instance's `_aligndial_router`.
+
+    Routing lives on the class's `__call__`, not in an instance `forward`, so whatever `forward`
+    the instance has (accelerate's offload and device hooks set one) runs inside the routing,
+    on the rows it should see; nothing is skipped because a `forward` attribute already exists.
+    Same name as `cls`, so `_no_split_modules` device maps treat it alike."""
+    if cls in _ROUTED.values():
+        return cls
+    if cls not in _ROUTED:
+        call = cls.__call__
+
+        def __call__(self, hidden_states, *args, **kwargs):
+            router = self._aligndial_router
+            if router.mode == "all":
+                return call(self, hidden_states, *args, **kwargs)
+            if router.mode == "skip":
+                return (hidden_states, None) if router.returns_tuple else hidden_states
+            b = router.batch
+            out = call(
+                self,
+                hidden_states[b:],
+                *(_aligned_rows(a, b) for a in args),
+                **{k: _aligned_rows(v, b) for k, v in kwargs.items()},
+            )
+            h = torch.cat([hidden_states[:b], out[0] if router.returns_tuple else out], dim=0)
+            return (h, *out[1:]) if router.returns_tuple else h
+
+        _ROUTED[cls] = type(cls.__name__, (cls,), {"__call__": __call__, "__module__": cls.__module__, "__qualname__": cls.__qualname__})
+    return _ROUTED[cls]
 
 
 # A decode step of the dual path multiplies each shared weight by 2B rows. On some CPUs stock
-# F.linear pays nearly once per row for a few rows, and another form is much cheaper:
-# - fp32 on the AMD EPYC machines we measured: MKL's small-M GEMM took 1.5-2x its one-row
-#   product; W @ xᵀ with a row-contiguous x cost about one row's (8 layers, 2 rows: 3.3 ms
-#   against 9.2 ms);
-# - bf16 (see aligndial.kernels): without native bf16 our kernel widens each weight once for all
-#   rows; on an Intel Sapphire Rapids its AVX512-BF16 loop took 2.7-3.1 ms for 8 layers at 2
-#   rows against oneDNN's 5.5-7.7 ms (which is no cheaper at 1 row).
-# On other CPUs the same forms lose: on that Sapphire Rapids, fp32 W @ xᵀ at 2 rows took
-# 10.1 ms against stock's 4.2 ms, and λ=0.5 decoding fell to 0.56 of the plain model. So the first
-# mixed-λ forward times both on the model's own weights and installs the shortcut only where it
-# wins (`_beats_stock`). Used only in the dual forward: the λ=0 / λ=1 fast paths stay stock, so
-# they remain bit-exact with plain transformers.
-SMALL_ROWS = 8
+# F.linear pays nearly once per row for a few rows, and another form costs about one row's:
+# - fp32 on x86 CPUs whose best torch kernels are AVX2 (the AMD EPYC machines we measured):
+#   W @ xᵀ with a row-contiguous x. On an AVX-512 CPU (Intel Sapphire Rapids) the same form
+#   was slower than stock, so there stock stays;
+# - bf16 on x86 with AVX2 (see aligndial.kernels): our kernel, which widens each weight once for
+#   all rows (or uses AVX512-BF16 where the CPU has it).
+# Measurements: benchmarks/dualpath_speed.py and docs/benchmarks.md ("Dual path").
+#
+# The choice is a pure function of (dtype, device, CPU), never a timing: the forms differ in
+# float32 rounding, and a choice made by a timing race made the same greedy command give
+# different tokens at near-ties from one run to the next. Used only in the dual forward on CPU:
+# the λ=0 / λ=1 fast paths and every other device stay stock, bit-exact with plain transformers.
+SMALL_ROWS = 8  # fp32: above this many rows stock GEMM is efficient again
 
 
-def _few_rows_product(dtype: torch.dtype) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None:
-    """The candidate `f(x, w) -> x @ w.T` for contiguous x of a few rows, or None."""
+def _fp32_product(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    return (w @ x.T).T
+
+
+def few_rows_product(dtype: torch.dtype, device: torch.device) -> tuple[Callable, int] | None:
+    """The few-row form `(f(x, w) -> x @ w.T, max rows)` the dual path uses for weights of
+    `dtype` computing on `device`, or None for stock F.linear. Depends only on its arguments and
+    this CPU (ALIGNDIAL_KERNELS=0 turns every form off)."""
+    if device.type != "cpu" or not kernels_enabled() or platform.machine() not in ("x86_64", "AMD64"):
+        return None
     if dtype == torch.float32:
-        return lambda x, w: (w @ x.T).T
-    return few_rows_bf16() if dtype == torch.bfloat16 else None
+        return (_fp32_product, SMALL_ROWS) if torch.backends.cpu.get_cpu_capability() == "AVX2" else None
+    if dtype == torch.bfloat16:
+        kernel = few_rows_bf16()
+        return None if kernel is None else (kernel, MAX_ROWS)
+    return None
 
 
-def _beats_stock(product, weights: list[torch.Tensor], rows: int, budget_bytes: int = 64 << 20) -> bool:
-    """Whether `product` multiplies `rows` rows by these weights (up to `budget_bytes` of them,
-    so that they stream from memory as in decoding) at least 10% faster than stock F.linear.
-    Best of 3 alternating passes; a few tens of ms, once per model."""
-    chosen, total = [], 0
-    for w in weights:
-        if total >= budget_bytes:
-            break
-        chosen.append(w)
-        total += w.numel() * w.element_size()
-    # Constant inputs: the global RNG must not move, or a seeded generate() would sample
-    # differently on a model's first call than on its later ones.
-    xs = {w.shape[1]: torch.full((rows, w.shape[1]), 0.5, dtype=w.dtype) for w in chosen}
+class _FewRowsLinear(torch.nn.Linear):
+    """An nn.Linear that, in the dual path's mixed-λ forward on a few CPU rows of its dtype,
+    computes with the few-row product; stock F.linear otherwise (a model cast to another dtype
+    or moved off the CPU after installing steps aside). State is per instance, so copies and
+    re-wrapped models stay correct."""
 
-    def seconds(f) -> float:
-        start = time.perf_counter()
-        for w in chosen:
-            f(xs[w.shape[1]], w)
-        return time.perf_counter() - start
-
-    with torch.no_grad():
-        stock, candidate = zip(*[(seconds(F.linear), seconds(product)) for _ in range(3)])
-    return min(candidate) < 0.9 * min(stock)
-
-
-def _few_rows_linear(linear: torch.nn.Linear, router: _Router, product, dtype: torch.dtype):
-    forward, params = linear.forward, linear._parameters
-    max_rows = MAX_ROWS if dtype == torch.bfloat16 else SMALL_ROWS  # our bf16 kernel takes up to MAX_ROWS
-    max_numel, out_features = max_rows * linear.in_features, linear.out_features
-
-    # This runs ~60 times per decode step, and each µs here is ~0.5% of a step of the benchmark
-    # model: hence `params[...]` rather than nn.Module.__getattr__, and dtype checks by identity.
-    def few_rows_forward(x):
-        w = params["weight"]
-        # A model cast to another dtype or moved off the CPU after installing steps aside to stock F.linear.
-        if router.mode != "dual" or x.numel() > max_numel or x.dtype is not dtype or w.dtype is not dtype or not x.is_cpu:
-            return forward(x)
-        y = product(x.reshape(-1, x.shape[-1]).contiguous(), w).view(*x.shape[:-1], out_features)
-        bias = params["bias"]
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # ~60 calls per decode step: plain __dict__ lookups and identity checks only.
+        w, bias = self._parameters["weight"], self._parameters["bias"]
+        dtype = self._aligndial_dtype
+        if (
+            self._aligndial_router.mode != "dual" or x.numel() > self._aligndial_max_numel
+            or x.dtype is not dtype or w.dtype is not dtype or not x.is_cpu
+        ):
+            return F.linear(x, w, bias)
+        y = self._aligndial_product(x.reshape(-1, x.shape[-1]).contiguous(), w).view(*x.shape[:-1], self.out_features)
         return y if bias is None else y + bias
 
-    return few_rows_forward
+
+def _install_few_rows_linear(linear: torch.nn.Linear, router: _Router, product, max_rows: int, dtype) -> None:
+    linear.__class__ = _FewRowsLinear
+    linear._aligndial_router, linear._aligndial_product, linear._aligndial_dtype = router, product, dtype
+    linear._aligndial_max_numel = max_rows * linear.in_features
 
 
 class DualPathCache(DynamicCache):
@@ -175,36 +199,34 @@ class DualPathModel(MixedLM):
         self.base = model
         self.n_adapter = cfg.num_layers
         self.generation_config = model.generation_config
-        self._router = _Router()
-        returns_tuple = model.config.model_type in _TUPLE_LAYERS
+        # Per model instance: the router is the model's own, wrapping it again reuses it.
+        self._router = _router_of(model)
         for layer in list(decoder_layers(model))[: self.n_adapter]:
-            if "forward" not in layer.__dict__:  # route once, even if wrapped twice
-                layer.forward = _routed(layer.forward, self._router, returns_tuple)
+            layer.__class__ = _routed_class(type(layer))
+            layer._aligndial_router = self._router
         # Exactly nn.Linear: subclasses (our LoRALinear) add terms the few-row shortcut would drop.
-        # The shortcut is decided at the first mixed-λ forward (fp32, or bf16 where our kernel
-        # applies, and only if it beats stock on this CPU), so other models never pay for the
-        # wrapper calls (~2 µs each, 60+ per decode step), and the bf16 kernel is built only when
-        # first needed.
-        self._plain_linears = [m for m in decoder_layers(model).modules() if type(m) is torch.nn.Linear]
+        # The shortcut is installed at the first mixed-λ forward, so other models never pay for
+        # the wrapper calls (60+ per decode step), and the bf16 kernel is built only when first needed.
+        self._plain_linears = [m for m in decoder_layers(model).modules() if type(m) in (torch.nn.Linear, _FewRowsLinear)]
         self._few_rows_decided = False
         # Mixing hidden states before the head is exact only for a plain linear head.
         self.mix_before_head = getattr(model.config, "final_logit_softcapping", None) is None and isinstance(
             model.get_output_embeddings(), torch.nn.Linear
         )
 
-    def _install_few_rows(self, rows: int) -> None:
-        """Decide once, at the first mixed-λ forward (2B = `rows` rows), whether the shared
-        linears use the few-row product; install it only where it beats stock here."""
+    def _install_few_rows(self, device: torch.device) -> None:
+        """At the first mixed-λ forward (computing on `device`): give the shared linears the
+        few-row product `few_rows_product` names for their dtype here, if any."""
         self._few_rows_decided = True  # decided, whichever way
-        weight = self._plain_linears[0].weight if self._plain_linears else None
-        if weight is None or weight.device.type != "cpu" or rows > SMALL_ROWS:
+        if not self._plain_linears:
             return
-        product = _few_rows_product(weight.dtype)
-        if product is None or not _beats_stock(product, [m.weight for m in self._plain_linears], rows):
+        dtype = self._plain_linears[0].weight.dtype
+        choice = few_rows_product(dtype, device)
+        if choice is None:
             return
         for module in self._plain_linears:
-            if "forward" not in module.__dict__ and module.weight.is_contiguous():
-                module.forward = _few_rows_linear(module, self._router, product, weight.dtype)
+            if module.weight.dtype is dtype and module.weight.is_contiguous():
+                _install_few_rows_linear(module, self._router, *choice, dtype)
 
     @classmethod
     def from_adapter(cls, model, adapter_dir: str, allow_pickle: bool = False) -> "DualPathModel":
@@ -214,9 +236,10 @@ class DualPathModel(MixedLM):
     def new_cache(self) -> DualPathCache:
         return DualPathCache(self.base.config, self.n_adapter)
 
-    def prepare_inputs_for_generation(self, input_ids, lam=None, lam_schedule=None, **kwargs):
+    def prepare_inputs_for_generation(self, input_ids, lam=None, lam_schedule=None, lam_sources=None, **kwargs):
         inputs = self.base.prepare_inputs_for_generation(input_ids, **kwargs)
         inputs["lam"], inputs["run_all"] = self.step_lam(input_ids, lam, lam_schedule)
+        inputs["lam_sources"] = lam_sources
         return inputs
 
     def forward(
@@ -229,20 +252,24 @@ class DualPathModel(MixedLM):
         logits_to_keep: int = 0,
         use_cache: bool | None = None,
         run_all: bool = False,
+        lam_sources: tuple[bool, ...] | None = None,
         return_dict: bool = True,
         **kwargs,
     ) -> CausalLMOutputWithPast:
         """Mixed logits (B, T, V). `run_all` forces the 2B-row forward even when λ is 0 or 1
-        in every row (a λ schedule may leave those values later, and needs both caches)."""
+        in every row (a λ schedule may leave those values later, and needs both caches).
+        `lam_sources` (from `generate`, which checked λ once for the whole call) says which of
+        [base, aligned] carry weight in some row; without it λ is checked here, on the host."""
         b = input_ids.shape[0]
-        lam = self.resolve_lam(lam, b)
+        if lam_sources is None:
+            lam = self.resolve_lam(lam, b)
+            lam_sources = active_sources(lam)
         if past_key_values is None and use_cache:
             past_key_values = self.new_cache()
         inputs = dict(attention_mask=attention_mask, position_ids=position_ids, past_key_values=past_key_values,
                       use_cache=use_cache, **kwargs)
-        values = lam.view(-1).tolist()  # (B,) on the CPU: cheaper than tensor comparisons in a decode step
-        if not run_all and (set(values) == {0.0} or set(values) == {1.0}):
-            self._router.mode = "skip" if values[0] == 0 else "all"
+        if not run_all and not all(lam_sources):  # λ = 0 in every row, or λ = 1 in every row
+            self._router.mode = "all" if lam_sources[-1] else "skip"
             try:
                 out = self.base(input_ids=input_ids, logits_to_keep=logits_to_keep, **inputs)
             finally:
@@ -251,14 +278,14 @@ class DualPathModel(MixedLM):
 
         doubled = {k: torch.cat([v, v]) if isinstance(v, torch.Tensor) and v.shape[0] == b else v for k, v in inputs.items()}
         if not self._few_rows_decided:
-            self._install_few_rows(2 * b)
+            self._install_few_rows(input_ids.device)
         self._router.mode, self._router.batch = "dual", b
         try:
             if self.mix_before_head:
                 hidden = self.base.base_model(input_ids=torch.cat([input_ids, input_ids]), **doubled).last_hidden_state
                 if logits_to_keep:
                     hidden = hidden[:, -logits_to_keep:]
-                logits = self.base.get_output_embeddings()(mix_hidden(hidden[:b], hidden[b:], lam))
+                logits = self.base.get_output_embeddings()(mix_hidden(hidden[:b], hidden[b:], lam, checked=True))
             else:
                 both = self.base(input_ids=torch.cat([input_ids, input_ids]), logits_to_keep=logits_to_keep, **doubled).logits
                 logits = mix_logits(both[:b], both[b:], lam.to(both.device))

@@ -16,12 +16,13 @@ so `generate` expands it with the batch for beams and `num_return_sequences`.
 from __future__ import annotations
 
 import copy
+import inspect
 from collections.abc import Callable
 
 import torch
 from transformers import GenerationMixin, PreTrainedModel
 
-from aligndial.mixing import LamLike, lam_weights
+from aligndial.mixing import LamLike, active_sources, lam_weights
 
 
 class MixedLM(PreTrainedModel, GenerationMixin):
@@ -62,16 +63,22 @@ class MixedLM(PreTrainedModel, GenerationMixin):
         if callable(lam):
             kwargs["lam_schedule"] = lam
             lam = lam(input_ids)
-        lam = lam_weights(lam, input_ids.shape[0], self.n_aligned).to(input_ids.device)
-        return super().generate(inputs, lam=lam, **kwargs)
+        # Checked once per call, on the host: the steps reuse it as is (`step_lam`), so a decode
+        # step on an accelerator never waits to copy λ back. A forward that takes `lam_sources`
+        # also gets, once, which sources carry weight (it picks the λ=0 / λ=1 fast paths from it).
+        lam = lam_weights(lam, input_ids.shape[0], self.n_aligned)
+        if "lam_schedule" not in kwargs and "lam_sources" in inspect.signature(self.forward).parameters:
+            kwargs["lam_sources"] = tuple(active_sources(lam))
+        return super().generate(inputs, lam=lam.to(input_ids.device), **kwargs)
 
     def resolve_lam(self, lam: LamLike | None, batch_size: int) -> torch.Tensor:
         return lam_weights(1.0 if lam is None else lam, batch_size, self.n_aligned)
 
     def step_lam(self, input_ids: torch.Tensor, lam, lam_schedule) -> tuple[torch.Tensor, bool]:
-        """λ for the next step and whether every source must run (a schedule is active)."""
+        """λ for the next step and whether every source must run (a schedule is active).
+        Without a schedule `lam` is the tensor `generate` checked, expanded with the batch."""
         if lam_schedule is None:
-            return self.resolve_lam(lam, input_ids.shape[0]), False
+            return lam, False
         return self.resolve_lam(lam_schedule(input_ids), input_ids.shape[0]), True
 
 

@@ -14,10 +14,12 @@ torch's GEMM instead. If the build fails, a warning says why and torch's GEMM is
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import platform
 import threading
+import time
 import warnings
 from collections.abc import Callable
 from pathlib import Path
@@ -25,6 +27,8 @@ from pathlib import Path
 import torch
 
 SOURCE = Path(__file__).parent / "csrc" / "few_rows_bf16.cpp"
+# The most rows of x the kernel takes (its register blocks are written for 1-4 rows); compiled
+# into the kernel as ALIGNDIAL_MAX_ROWS, and every caller checks it from here.
 MAX_ROWS = 4
 
 
@@ -43,10 +47,16 @@ def few_rows_bf16() -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | No
     return None if module is None else module.few_rows_bf16
 
 
+# How long a run waits for another process that is building the kernel before it gives up and
+# uses torch's GEMM (a build takes about a minute; this is generous for a loaded machine).
+BUILD_WAIT_SECONDS = 600.0
+NAME = "aligndial_few_rows_bf16"
+
+
 @functools.cache
 def _build():
     """The compiled module (`few_rows_bf16`, `few_rows_bf16_avx2`, `has_avx512_bf16`), or None."""
-    from torch.utils.cpp_extension import load
+    from torch.utils.cpp_extension import _get_build_directory, load
     from tqdm import tqdm
 
     done = threading.Event()
@@ -58,10 +68,22 @@ def _build():
 
     threading.Thread(target=tick, daemon=True).start()
     try:
-        module = load(
-            name="aligndial_few_rows_bf16", sources=[str(SOURCE)],
-            extra_cflags=["-O3", "-mavx2", "-mfma", "-fopenmp"], extra_ldflags=["-fopenmp"],
-        )
+        build_dir = Path(_get_build_directory(NAME, verbose=False))
+        with _exclusive(build_dir) as ours:
+            if not ours:
+                warnings.warn(
+                    f"aligndial waited {BUILD_WAIT_SECONDS:.0f} s for another process building its bf16 few-row kernel "
+                    f"in {build_dir}; using torch's GEMM this time (same results, slower dual path in bf16).",
+                    stacklevel=3,
+                )
+                return None
+            _remove_stale_torch_lock(build_dir)
+            return load(
+                name=NAME, sources=[str(SOURCE)], build_directory=str(build_dir),
+                # MAX_ROWS is compiled in, so the kernel's row limit and the Python callers' are one constant.
+                extra_cflags=["-O3", "-mavx2", "-mfma", "-fopenmp", f"-DALIGNDIAL_MAX_ROWS={MAX_ROWS}"],
+                extra_ldflags=["-fopenmp"],
+            )
     except Exception as err:  # no compiler, no ninja, a read-only cache: fall back, and say so
         warnings.warn(
             f"aligndial could not build its bf16 few-row kernel ({type(err).__name__}: {str(err)[-300:]}); "
@@ -73,4 +95,37 @@ def _build():
     finally:
         done.set()
         bar.close()
-    return module
+
+
+@contextlib.contextmanager
+def _exclusive(build_dir: Path):
+    """Hold an OS file lock for the build (yields True), or yield False after BUILD_WAIT_SECONDS
+    of another process holding it. Unlike torch's own `lock` file, which a build interrupted by
+    Ctrl-C leaves behind (and every later run then waits on forever), the OS releases this
+    lock when its process ends, however it ends."""
+    import fcntl
+
+    with open(build_dir / "aligndial.lock", "a") as handle:
+        deadline = time.monotonic() + BUILD_WAIT_SECONDS
+        while True:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    yield False
+                    return
+                time.sleep(0.5)
+        try:
+            yield True
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _remove_stale_torch_lock(build_dir: Path) -> None:
+    """Every build of this kernel holds `_exclusive`, so torch's `lock` file found while we hold
+    it was left by a build that died (Ctrl-C, kill): remove it, or torch would wait on it forever."""
+    lock = build_dir / "lock"
+    if lock.exists():
+        warnings.warn(f"aligndial: removing a stale torch extension lock left by an interrupted kernel build: {lock}", stacklevel=4)
+        lock.unlink(missing_ok=True)

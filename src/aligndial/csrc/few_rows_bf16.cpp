@@ -15,6 +15,12 @@
 #include <cstring>
 #include <vector>
 
+// The row limit is one constant, aligndial.kernels.MAX_ROWS, passed in by the build.
+#ifndef ALIGNDIAL_MAX_ROWS
+#error "build through aligndial.kernels, which defines ALIGNDIAL_MAX_ROWS"
+#endif
+static_assert(ALIGNDIAL_MAX_ROWS >= 1 && ALIGNDIAL_MAX_ROWS <= 4, "the row loops below are written for 1-4 rows");
+
 static inline __m256 widen8(const uint16_t* p) {  // 8 bf16 -> 8 float32 (bf16 is the top half)
   __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
   return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
@@ -118,14 +124,14 @@ static void rows(const uint16_t* w, const float* x, float* y, int64_t begin, int
   for (; o < end; ++o) block<1, R>(w, x, y, o, in, out);
 }
 
-// x: (R, in) bf16 contiguous, 1 <= R <= 4; w: (out, in) bf16 contiguous. Returns (R, out) bf16.
+// x: (R, in) bf16 contiguous, 1 <= R <= ALIGNDIAL_MAX_ROWS; w: (out, in) bf16 contiguous. Returns (R, out) bf16.
 // `avx512_bf16`: use that loop (the CPU must have it; `few_rows_bf16` decides).
 static torch::Tensor product(const torch::Tensor& x, const torch::Tensor& w, bool avx512_bf16) {
   TORCH_CHECK(x.dim() == 2 && w.dim() == 2 && x.size(1) == w.size(1), "few_rows_bf16: x (R, in) and w (out, in)");
   TORCH_CHECK(x.scalar_type() == at::kBFloat16 && w.scalar_type() == at::kBFloat16, "few_rows_bf16: bfloat16 only");
   TORCH_CHECK(x.is_contiguous() && w.is_contiguous() && x.device().is_cpu(), "few_rows_bf16: contiguous CPU tensors");
   const int64_t n = x.size(0), in = w.size(1), out = w.size(0);
-  TORCH_CHECK(n >= 1 && n <= 4, "few_rows_bf16: 1 to 4 rows, got ", n);
+  TORCH_CHECK(n >= 1 && n <= ALIGNDIAL_MAX_ROWS, "few_rows_bf16: 1 to ", ALIGNDIAL_MAX_ROWS, " rows, got ", n);
   const uint16_t* xh = reinterpret_cast<const uint16_t*>(x.data_ptr());
   const uint16_t* wh = reinterpret_cast<const uint16_t*>(w.data_ptr());
   std::vector<float> yf(n * out);
@@ -160,7 +166,7 @@ torch::Tensor few_rows_bf16(const torch::Tensor& x, const torch::Tensor& w) { re
 torch::Tensor few_rows_bf16_avx2(const torch::Tensor& x, const torch::Tensor& w) { return product(x, w, false); }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("few_rows_bf16", &few_rows_bf16, "y = x · Wᵀ for 1-4 rows, bf16 (AVX512-BF16 where the CPU has it, else AVX2)");
+  m.def("few_rows_bf16", &few_rows_bf16, "y = x · Wᵀ for 1 to ALIGNDIAL_MAX_ROWS rows, bf16 (AVX512-BF16 where the CPU has it, else AVX2)");
   m.def("few_rows_bf16_avx2", &few_rows_bf16_avx2, "the same, always the AVX2 loop (for tests)");
   m.def("has_avx512_bf16", &has_avx512_bf16, "whether few_rows_bf16 uses the AVX512-BF16 loop here");
 }
