@@ -156,9 +156,12 @@ def dual_server(llama, adapter_dir):
 
 @pytest.fixture(scope="module")
 def strict_server(llama):
-    """An API key, and room for one running and one waiting sequence."""
+    """An API key, and room for one running and one waiting sequence. Each forward takes at
+    least 10 ms (a sleeping forward hook), so a 150-token answer is still running while a test
+    sends its next requests, however fast the machine."""
     ref, aligned, _ = llama
     pair = RealignedPair.from_pretrained(ref, aligned)
+    pair.members[0].register_forward_pre_hook(lambda module, args: time.sleep(0.01))
     with Server(HFEngine(pair, pair.tokenizer, 1, max_concurrency=1, max_queue=1), api_key="sekret-key-42") as server:
         yield server
 
@@ -394,6 +397,27 @@ def test_case8_more_requests_than_the_limit_get_429_and_admitted_ones_complete(s
     assert r.status_code == 200, r.text
 
 
+def test_case8_a_client_that_left_the_queue_no_longer_counts_toward_the_limit(strict_server):
+    """A stale count once gave 429 with nothing running: requests whose clients had gone still
+    counted until the engine reached them. Here one sequence runs, one waits and hangs up: the
+    queue is empty again while the first still runs, and the next request is admitted."""
+    headers = {"authorization": "Bearer sekret-key-42", "content-type": "application/json"}
+    url = strict_server.url + "/v1/completions"
+    body = {"prompt": "Hello", "max_tokens": 240, "stream": True, "temperature": 0}
+    with httpx.Client(timeout=60) as c, c.stream("POST", url, json=body, headers=headers) as running:
+        lines = running.iter_lines()  # kept: closing this iterator would hang up
+        next(line for line in lines if line.startswith("data: "))
+        with httpx.Client(timeout=60) as c2, c2.stream("POST", url, json={**body, "max_tokens": 5}, headers=headers) as w:
+            assert w.status_code == 200
+            assert wait_for(lambda: strict_server.metrics()["aligndial_queue_depth"] == 1)
+        assert wait_for(lambda: (m := strict_server.metrics())["aligndial_queue_depth"] == 0
+                        and m["aligndial_sequences_running"] == 1), strict_server.metrics()
+        r = c.post(url, json={"prompt": "Hi", "max_tokens": 2}, headers=headers)
+        assert r.status_code == 200, r.text
+        assert sse_events(lines)[-1] == "[DONE]"
+    assert_idle(strict_server)
+
+
 @pytest.mark.parametrize("stream", [True, False])
 def test_case9_a_client_that_disconnects_stops_its_generation(pair_server, stream):
     before = pair_server.metrics()["aligndial_generation_tokens_total"]
@@ -494,15 +518,15 @@ def test_a_model_whose_cache_cannot_be_left_padded_is_refused_at_startup(tok):
         HFEngine(build_model("gemma2", tok), tok, 0)
 
 
-def test_cli_flags_fail_before_loading(capsys):
+def test_cli_flags_fail_before_loading(llama, adapter_dir, capsys):
     for argv, message in [
         (["--lam-range=3,1"], "LO ≤ HI"),
         (["--lam-range=nan,1"], "must be finite"),
         (["--default-lam", "20"], "outside `--lam-range`"),
     ]:
-        assert main(["serve", "--model", "no-such-model", "--adapter", "no-such-adapter", *argv]) == 2
+        assert main(["serve", "--model", llama[0], "--adapter", adapter_dir, *argv]) == 2
         assert message in capsys.readouterr().err
-    assert main(["serve", "--ref", "r", "--aligned", "a", "--aligned", "b"]) == 2
+    assert main(["serve", "--ref", llama[0], "--aligned", llama[1], "--aligned", llama[2]]) == 2
     assert "--default-lam 0.5,0.5" in capsys.readouterr().err
 
 

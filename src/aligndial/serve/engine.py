@@ -220,8 +220,7 @@ class HFEngine:
         self._waiting: deque[Generation] = deque()
         self._admitting: deque[Generation] = deque()  # taken from _waiting, not yet prefilled
         self._faults: deque[float] = deque()  # times of recent engine-level faults
-        self._admitted = 0  # sequences submitted and not yet finished
-        self._running = 0
+        self._running = 0  # len(self._rows), as last published to the event loop
         self._stopping = False
         self._rows: list[_Row] = []
         self._batch: BatchCache | None = None
@@ -243,17 +242,23 @@ class HFEngine:
         with self._lock:
             if self._stopping or not self._thread.is_alive():
                 raise EngineUnavailable("the engine is shutting down" if self._stopping else "the engine thread is not running")
-            if self._admitted + request.n > self.max_concurrency + self.max_queue:
-                raise EngineOverloaded(f"{self._admitted} sequences are in flight and the server takes at most "
+            in_flight = self._queued() + self._running
+            if in_flight + request.n > self.max_concurrency + self.max_queue:
+                raise EngineOverloaded(f"{in_flight} sequences are in flight and the server takes at most "
                                        f"{self.max_concurrency} running + {self.max_queue} waiting")
-            self._admitted += request.n
             self._waiting.append(generation)
             self._lock.notify()
         return generation
 
     def stats(self) -> dict:
         with self._lock:
-            return {"running": self._running, "waiting": self._admitted - self._running, **self.counters}
+            return {"running": self._running, "waiting": self._queued(), **self.counters}
+
+    def _queued(self) -> int:
+        """Sequences waiting for a row whose client is still there (lock held). Counted from the
+        queues themselves rather than kept as a running total, so no failure path can leave a
+        stale count behind (a leaked total once refused requests with nothing running)."""
+        return sum(g.request.n - len(g.cancelled) for q in (self._waiting, self._admitting) for g in q)
 
     def shutdown(self, timeout: float | None = None) -> None:
         """Refuse new requests, let the admitted ones finish, then stop the thread."""
@@ -309,22 +314,20 @@ class HFEngine:
                 if not self._waiting and not self._admitting and not self._rows:
                     return  # stopping, and everything admitted has finished
                 self._admitting.extend(self._take_waiting())
-            while self._admitting:
-                with self._lock:
-                    generation = self._admitting.popleft()
-                self._prefill(generation)  # fails the request itself on any error of its own
+            while self._admitting:  # each _prefill moves the head out of _admitting, into the batch or failed
+                self._prefill(self._admitting[0])
             self._prune()
             if self._rows:
                 self._decode_step()
                 self._prune()
 
     def _fail_waiting(self, generations: list[Generation], message: str) -> None:
-        """End requests that have no rows yet, with an error event per sequence."""
+        """End requests that have no rows and are in no queue, with an error event per sequence."""
         for generation in generations:
             for i in range(generation.request.n):
                 if i not in generation.cancelled:
                     generation.emit(TokenEvent(i, None, "error", message))
-        self._account(sum(g.request.n for g in generations))
+        self._account()
 
     def _take_waiting(self) -> list[Generation]:
         """Pop waiting requests, in order, while their sequences fit in the free rows (lock held)."""
@@ -333,7 +336,6 @@ class HFEngine:
             head = self._waiting[0]
             if len(head.cancelled) == head.request.n:  # the client left while it waited
                 self._waiting.popleft()
-                self._admitted -= head.request.n
             elif head.request.n <= free:
                 taken.append(self._waiting.popleft())
                 free -= head.request.n
@@ -382,16 +384,20 @@ class HFEngine:
                 new.select([0] * request.n)
         except Exception as e:
             log.exception("prefill failed")
+            with self._lock:
+                self._admitting.popleft()
             self._fail_waiting([generation], f"prefill failed: {type(e).__name__}: {e}")
             return
-        # From here the rows are in the batch: a fault while merging caches is an engine fault
-        # (the batch may be half-merged), and fails them with the rest of the batch.
-        self._rows += rows
+        with self._lock:  # from queued to running in one step, so `submit` never sees it in neither
+            self._admitting.popleft()
+            self._rows += rows
+            self._running = len(self._rows)
+        # The rows are in the batch now: a fault while merging caches is an engine fault (the batch
+        # may be half-merged), and fails them with the rest of the batch.
         if self._batch is None:
             self._batch = new
         else:
             self._batch.append(new)
-        self._account()
         self._advance(rows, logits.expand(request.n, -1))
 
     def _decode_step(self) -> None:
@@ -435,13 +441,12 @@ class HFEngine:
         keep = [i for i, r in enumerate(self._rows) if not r.gone]
         if len(keep) == len(self._rows):
             return
-        finished = len(self._rows) - len(keep)
         self._rows = [self._rows[i] for i in keep]
         if keep:
             self._batch.select(keep)
         else:
             self._batch = None
-        self._account(finished)
+        self._account()
 
     def _fail_request(self, generation: Generation, message: str) -> None:
         """End every live row of `generation` in the batch with an error event; `_prune` then
@@ -457,12 +462,11 @@ class HFEngine:
             if not r.gone:
                 r.generation.emit(TokenEvent(r.index, None, "error", message))
             r.finished = True
-        self._account(len(rows))
+        self._account()
 
-    def _account(self, finished: int = 0) -> None:
-        """Update the counts that `submit` and `stats` read on the event loop."""
+    def _account(self) -> None:
+        """Publish the number of running rows, which `submit` and `stats` read on the event loop."""
         with self._lock:
-            self._admitted -= finished
             self._running = len(self._rows)
 
     @staticmethod

@@ -68,6 +68,15 @@ def from_validation(exc: RequestValidationError) -> APIError:
     return APIError(400, msg, param=loc[0])
 
 
+def _parse_problem(cause: BaseException) -> str:
+    """Why json.loads refused a body, beyond JSONDecodeError (which FastAPI reports itself)."""
+    if isinstance(cause, UnicodeDecodeError):
+        return f"it is not UTF-8 (byte 0x{cause.object[cause.start]:02x} at offset {cause.start}: {cause.reason})"
+    if isinstance(cause, RecursionError):
+        return "it is nested too deeply"
+    return f"{type(cause).__name__}: {str(cause)[:200]}"  # e.g. an integer with more than 4300 digits
+
+
 def install_handlers(app: FastAPI, count_error: Callable[[str], None]) -> None:
     """Turn every exception into an OpenAI error object; `count_error(type)` feeds /metrics."""
 
@@ -84,7 +93,9 @@ def install_handlers(app: FastAPI, count_error: Callable[[str], None]) -> None:
         return reply(from_validation(exc))
 
     @app.exception_handler(HTTPException)
-    async def http_error(request: Request, exc: HTTPException):  # unknown route, wrong method
+    async def http_error(request: Request, exc: HTTPException):  # unknown route, wrong method, unparsable body
+        if exc.status_code == 400 and exc.__cause__ is not None:  # FastAPI: "There was an error parsing the body"
+            return reply(APIError(400, f"the request body is not valid JSON: {_parse_problem(exc.__cause__)}"))
         kind = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
         return reply(APIError(exc.status_code, f"{request.method} {request.url.path}: {exc.detail}", kind))
 
