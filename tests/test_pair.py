@@ -146,10 +146,16 @@ def test_tokenizer_mismatch_is_a_clear_error(tmp_path, model_dirs):
         RealignedPair.from_pretrained(model_dirs["llama"][0], str(other))
 
 
-def test_special_token_mismatch_is_a_clear_error(tok):
+def test_eos_mismatch_warns_and_unk_mismatch_is_a_clear_error(tok):
+    """Case 36: base and instruct checkpoints differ in EOS: a warning naming the tokens. An unk
+    token changes what text becomes, so it is still refused."""
     other = build_tokenizer()
     other.eos_token = "<|user|>"
-    with pytest.raises(ValueError, match="eos_token"):
+    with pytest.warns(UserWarning, match=r"eos_token: '</s>' vs '<\|user\|>'"):
+        check_tokenizers(tok, other)
+    other = build_tokenizer()
+    other.unk_token = "<|user|>"
+    with pytest.raises(ValueError, match="unk_token"):
         check_tokenizers(tok, other)
 
 

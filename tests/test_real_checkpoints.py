@@ -10,12 +10,11 @@ import shutil
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from aligndial.cli import main
 from aligndial.loading import load_causal_lm, load_tokenizer
-from aligndial.mixing import mixed_kl
-from aligndial.pair import RealignedPair, check_tokenizers, eos_ids
+from aligndial.pair import RealignedPair, check_tokenizers
 from replicas import CHAT_PROBE, QWEN3_ENDOFTEXT, QWEN3_IM_END, QWEN3_TOKENS
 
 PROMPTS = ["What is 2 + 3? Answer briefly.", "Hi"]
@@ -46,7 +45,8 @@ def oracle_rows(path, enc, pad_id) -> list[list[int]]:
     model = plain(path)
     with torch.no_grad():
         out = model.generate(**enc, max_new_tokens=MAX_NEW, do_sample=False, pad_token_id=pad_id)
-    eos = set(eos_ids(model))
+    eos = model.generation_config.eos_token_id
+    eos = set(eos if isinstance(eos, list) else [eos])
     rows = []
     for ids in out[:, enc["input_ids"].shape[1]:].tolist():
         rows.append(ids[: next((i + 1 for i, t in enumerate(ids) if t in eos), len(ids))])
@@ -189,8 +189,9 @@ def test_members_on_different_devices_mix_on_the_references_device(replicas):
     device, and the reference's inputs to it. Before the fix: the CPU inputs reached the meta
     model and `mix_logits` added tensors of two devices (`out.add_` across devices)."""
     ref_dir, aligned_dir = replicas.llama3("base"), replicas.llama3("instruct")
+    config = AutoConfig.from_pretrained(ref_dir)
     with torch.device("meta"):
-        ref = AutoModelForCausalLM.from_config(AutoModelForCausalLM.from_pretrained(ref_dir).config)
+        ref = AutoModelForCausalLM.from_config(config)
     pair = RealignedPair(ref, [plain(aligned_dir)], plain_tokenizer(ref_dir))
     assert pair.mix_device.type == "meta" and pair.device.type == "meta"
     ids = plain_tokenizer(ref_dir)(["Hello there"], return_tensors="pt")["input_ids"]
@@ -224,8 +225,10 @@ def test_truncated_weights_name_the_file(truncated):
 
 @pytest.mark.parametrize("verb", ["generate", "serve", "adapter-init", "interpolate"])
 def test_truncated_weights_are_one_line_in_every_verb(truncated, replicas, tmp_path, capsys, verb):
+    """Case 32 through the CLI. Before the fix: a traceback ending in `SafetensorError: Error while
+    deserializing header: incomplete metadata, file not fully covered`, the file not named."""
     model_dir, weights = truncated
-    good = replicas.llama3("instruct")
+    good = replicas.llama3("base", seed=2)  # same tokenizer: only the weights file can fail
     argv = {
         "generate": ["generate", "--ref", model_dir, "--aligned", good, "--prompt", "Hi"],
         "serve": ["serve", "--ref", model_dir, "--aligned", good, "--port", "0"],
@@ -234,8 +237,10 @@ def test_truncated_weights_are_one_line_in_every_verb(truncated, replicas, tmp_p
     }[verb]
     capsys.readouterr()
     assert main(argv) == 2
-    err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1 and weights in err and "truncated or corrupt" in err, err
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.strip() and "it/s]" not in line]  # not the good model's progress bar
+    assert len(lines) == 1 and "Traceback" not in err, err
+    assert lines[0].startswith("aligndial ") and weights in lines[0] and "truncated or corrupt" in lines[0], err
 
 
 # ---- 5. the sweep's KL on Qwen3 replicas, heads of equal and different widths ----

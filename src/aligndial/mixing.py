@@ -159,9 +159,12 @@ class _Rows:
         w = self.w[sl]
         active = [i for i, s in enumerate(self.sources) if s is not None and bool((self.w_host[sl, i] != 0).any())]
         out = torch.empty((w.shape[0], self.width), dtype=torch.float32, device=self.device) if out is None else out
+        grad = torch.is_grad_enabled() and any(self.sources[i].requires_grad for i in active)
         for j, i in enumerate(active):  # the weights of a row sum to 1, so some source is active
             src = self.sources[i][sl].to(self.device, torch.float32)
-            if j == 0:
+            if j == 0 and grad:  # autograd records the copy into the result, not an `out=` product
+                out.copy_(src * w[:, i : i + 1])
+            elif j == 0:
                 torch.mul(src, w[:, i : i + 1], out=out)
             else:
                 out.add_(src * w[:, i : i + 1])
