@@ -97,9 +97,11 @@ def test_huge_learning_rate_never_writes_a_nonfinite_checkpoint(tmp_path, capsys
     assert resumed == str(max(checkpoints, key=lambda p: int(p.name.split("-")[1])))
 
 
-def test_finite_loss_with_nan_gradient_does_not_step(tmp_path, model_dirs, data):
+@pytest.mark.parametrize("max_grad_norm", [1.0, 0.0])
+def test_finite_loss_with_nan_gradient_does_not_step(tmp_path, model_dirs, data, max_grad_norm):
     """A finite loss whose gradient is NaN: stopped before the optimizer step, naming the step and
-    the parameter; the weights keep step 1's values."""
+    the parameter; the weights keep step 1's values. With clipping (checked before it) and
+    without (checked right before `optimizer.step()`)."""
 
     class PoisonGrad(TrainerCallback):
         def on_train_begin(self, args, state, control, model=None, **kwargs):
@@ -112,7 +114,8 @@ def test_finite_loss_with_nan_gradient_does_not_step(tmp_path, model_dirs, data)
 
     cb = PoisonGrad()
     with pytest.raises(FloatingPointError, match=r"^step 2: the gradient of model\.layers\.0\.mlp\.up_proj\.weight holds NaN"):
-        train_sft(model_dirs["llama"][0], data["sft"], AdapterSFTConfig(**args_for(tmp_path / "g", learning_rate=1e-3)), callbacks=[cb])
+        args = AdapterSFTConfig(**args_for(tmp_path / "g", learning_rate=1e-3, max_grad_norm=max_grad_norm))
+        train_sft(model_dirs["llama"][0], data["sft"], args, callbacks=[cb])
     now = {n: p for n, p in cb.model.named_parameters() if p.requires_grad}
     assert all(torch.equal(now[n], cb.after_step1[n]) for n in now)
 

@@ -261,6 +261,13 @@ class RobustTrainerMixin:
             )
         return norm
 
+    def _get_grad_norm(self, model, grad_norm=None):
+        # Without clipping (max_grad_norm 0) transformers measures the norm by "clipping" at inf,
+        # which also multiplies every gradient by a NaN coefficient: check before that too.
+        if grad_norm is None:
+            _check_gradients(model, self.state.global_step + 1)
+        return super()._get_grad_norm(model, grad_norm)
+
     def _save(self, output_dir=None, state_dict=None):
         if not self._adapter_only():
             return super()._save(output_dir, state_dict)
