@@ -490,7 +490,7 @@ def test_burst_of_200_with_short_timeouts_then_a_normal_request_is_fast(pair_ser
     start = time.monotonic()
     r = pair_server.client(timeout=5).completions.create(model=NAME, prompt=PROMPT, max_tokens=8, temperature=0)
     assert r.usage.completion_tokens >= 1 and time.monotonic() - start < 5
-    assert wait_for(lambda: pair_server.metrics()["aligndial_requests_in_flight"] == 0)
+    assert_idle(pair_server)  # queue, running and in-flight counts all back to 0
 
 
 # --- plain models, a dead engine, the command line -------------------------------------------------------------
@@ -521,7 +521,7 @@ def test_a_model_whose_cache_cannot_be_left_padded_is_refused_at_startup(tok):
 def test_cli_flags_fail_before_loading(llama, adapter_dir, capsys):
     for argv, message in [
         (["--lam-range=3,1"], "LO ≤ HI"),
-        (["--lam-range=nan,1"], "must be finite"),
+        (["--lam-range=nan,1"], "must be a finite number"),
         (["--default-lam", "20"], "outside `--lam-range`"),
     ]:
         assert main(["serve", "--model", llama[0], "--adapter", adapter_dir, *argv]) == 2
@@ -874,3 +874,37 @@ def test_limit_flags_are_checked_before_loading(llama, adapter_dir, capsys):
     ]:
         assert main(["serve", "--model", llama[0], "--adapter", adapter_dir, *argv]) == 2
         assert message in capsys.readouterr().err
+
+
+# --- realistic replicas (tests/replicas.py) ----------------------------------------------------------------------
+
+
+def test_qwen3_replica_pair_serves_chat_and_stops_on_im_end(replicas, capsys):
+    """A Qwen3-shaped base + instruct pair (bf16, 151,936-row heads over the real tokenizer, EOS
+    <|endoftext|> vs <|im_end|>): at λ=1 a chat reply ends on <|im_end|>, streamed or not, with
+    the tokens `aligndial generate --chat` gives; a mixed λ and the hostile inputs behave too."""
+    from replicas import CHAT_PROBE, QWEN3_IM_END
+
+    base, instruct = replicas.qwen3("base"), replicas.qwen3("instruct")
+    question = CHAT_PROBE[0]["content"]
+    expected = oracle(capsys, "--ref", base, "--aligned", instruct, "--lam", "1", "--chat", "--prompt", question,
+                      "--max-new-tokens", "40")[0]
+    pair = RealignedPair.from_pretrained(base, instruct)
+    with Server(HFEngine(pair, pair.tokenizer, 1)) as server:
+        client = server.client()
+        kw = dict(model=NAME, messages=CHAT_PROBE, max_tokens=40, temperature=0,
+                  extra_body={"alignment_strength": 1.0, "return_token_ids": True})
+        whole = client.chat.completions.create(**kw)
+        ids = whole.choices[0].model_extra["token_ids"]
+        assert ids == expected and ids[-1] == QWEN3_IM_END and len(ids) < 40
+        assert whole.choices[0].finish_reason == "stop" and "<|im_end|>" not in whole.choices[0].message.content
+        chunks = list(client.chat.completions.create(**kw, stream=True))
+        assert "".join(c.choices[0].delta.content or "" for c in chunks) == whole.choices[0].message.content
+        assert chunks[-1].choices[0].finish_reason == "stop"
+        mixed = client.chat.completions.create(model=NAME, messages=CHAT_PROBE, max_tokens=8, temperature=0.7, seed=3,
+                                               extra_body={"alignment_strength": 0.5})
+        assert mixed.usage.completion_tokens >= 1
+        error_of(server.post("/v1/chat/completions", b'{"messages": [{"role": "user", "content": "a\\ud800"}]}'), 400)
+        error_of(server.post("/v1/completions", {"prompt": "Hi", "max_tokens": 2, "seed": 2**64}), 400)
+        assert server.metrics()["aligndial_engine_restarts_total"] == 0
+        assert_idle(server)
