@@ -271,6 +271,15 @@ def cmd_lm_eval(args, rest: list[str]) -> int:
 
 def cmd_demo(args) -> int:
     """`aligndial demo` runs the demo on the bundled models; `aligndial demo build` trains them."""
+    if args.action == "tour":
+        if args.models or args.plot is not None or args.small or args.seed != 0:
+            raise ValueError("`aligndial demo tour` takes only `--out DIR` (default: the current directory)")
+        from aligndial.demo.tour import write_tour
+
+        out = args.out or "."
+        names = write_tour(out)
+        _report(args, {"out": out, "wrote": names}, f"wrote {', '.join(names)} into {out} (the README's tour uses them)")
+        return 0
     if args.action == "build":
         if args.models or args.json or args.plot is not None:
             raise ValueError("`--models`, `--json` and `--plot` apply to `aligndial demo`, not to `aligndial demo build`")
@@ -297,7 +306,8 @@ def _add_model_flags(p, pair: bool = True, adapter: bool = True) -> None:
     if pair:
         p.add_argument("--ref", help="reference (SFT) model for a DeRa pair")
         p.add_argument("--aligned", action="append", help="aligned model (repeat for several)")
-    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None)
+    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
+                   help="weights dtype (default: the checkpoint's own)")
     p.add_argument("--device", default=None, help="e.g. cpu, cuda, cuda:1 (default: cpu)")
     p.add_argument("--device-map", action="append", default=None,
                    help="accelerate placement instead of --device: auto, a device, or JSON {module: device} with "
@@ -323,13 +333,13 @@ def make_parser() -> argparse.ArgumentParser:
     g.add_argument("--prompt", action="append", help="a prompt (repeatable)")
     g.add_argument("--prompts-file", help="JSONL with a `prompt` or `messages` field per line")
     g.add_argument("--chat", action="store_true", help="apply the reference tokenizer's chat template")
-    g.add_argument("--max-new-tokens", type=int, default=64)
+    g.add_argument("--max-new-tokens", type=int, default=64, help="tokens to generate per reply")
     g.add_argument("--do-sample", action="store_true", help="sample instead of greedy decoding")
-    g.add_argument("--temperature", type=float, default=1.0)
-    g.add_argument("--top-p", type=float, default=1.0)
-    g.add_argument("--top-k", type=int, default=0)
-    g.add_argument("--seed", type=int, default=None)
-    g.add_argument("--num-beams", type=int, default=1)
+    g.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (with --do-sample)")
+    g.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling (with --do-sample)")
+    g.add_argument("--top-k", type=int, default=0, help="top-k sampling, 0 for off (with --do-sample)")
+    g.add_argument("--seed", type=int, default=None, help="seeds sampling")
+    g.add_argument("--num-beams", type=int, default=1, help="beam search with this many beams")
     g.add_argument("--think-lam", help="λ inside <think>…</think> spans; --lam applies outside (one --aligned)")
     g.add_argument("--json", action="store_true", help="one JSON object per line")
     g.add_argument("--engine", choices=["hf", "vllm"], default="hf",
@@ -338,44 +348,48 @@ def make_parser() -> argparse.ArgumentParser:
     g.set_defaults(func=cmd_generate)
 
     i = sub.add_parser("interpolate", help="weight-space baseline: θ_ref + λ(θ_aligned − θ_ref) (DeRa App. D.5)")
-    i.add_argument("--ref", required=True)
-    i.add_argument("--aligned", required=True)
-    i.add_argument("--lam", type=float, required=True)
-    i.add_argument("--out", required=True)
-    i.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None)
-    i.add_argument("--trust-remote-code", action="store_true")
-    i.add_argument("--json", action="store_true")
+    i.add_argument("--ref", required=True, help="reference (SFT) model")
+    i.add_argument("--aligned", required=True, help="aligned model")
+    i.add_argument("--lam", type=float, required=True, help="λ of the weight-space mix (0: ref, 1: aligned)")
+    i.add_argument("--out", required=True, help="output directory")
+    i.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
+                   help="weights dtype (default: the checkpoint's own)")
+    i.add_argument("--trust-remote-code", action="store_true", help="run model code from the checkpoint")
+    i.add_argument("--json", action="store_true", help="print the result as JSON")
     i.set_defaults(func=cmd_interpolate)
 
     a = sub.add_parser("adapter", help="layer adapters (CLM / InRa)").add_subparsers(dest="adapter_verb", required=True)
     ai = a.add_parser("init", help="insert an adapter into a model and save it (adapter files only)")
-    ai.add_argument("--model", required=True)
-    ai.add_argument("--out", required=True)
-    ai.add_argument("--num-layers", type=int, default=1)
-    ai.add_argument("--init", choices=["identity", "kaiming", "copy"], default="identity")
+    ai.add_argument("--model", required=True, help="base model: local directory or hub id")
+    ai.add_argument("--out", required=True, help="output directory")
+    ai.add_argument("--num-layers", type=int, default=1, help="adapter layers inserted before layer 0")
+    ai.add_argument("--init", choices=["identity", "kaiming", "copy"], default="identity",
+                    help="identity: the adapted model equals the base at first; kaiming: random; copy: a copy of layer 0")
     ai.add_argument("--lora-rank", type=int, default=None, help="train the adapter layer as LoRA deltas (FR §3.2)")
-    ai.add_argument("--seed", type=int, default=0)
+    ai.add_argument("--seed", type=int, default=0, help="seeds the adapter's random initialisation (kaiming)")
     am = a.add_parser("merge", help="write a plain HF model with the adapter built in (equal to λ=1)")
-    am.add_argument("--model", required=True)
-    am.add_argument("--adapter", required=True)
-    am.add_argument("--out", required=True)
+    am.add_argument("--model", required=True, help="base model: local directory or hub id")
+    am.add_argument("--adapter", required=True, help="layer-adapter directory")
+    am.add_argument("--out", required=True, help="output directory")
     am.add_argument("--for-vllm", action="store_true",
                     help="write a dual-path model for `vllm serve` (λ per request) instead of a plain λ=1 model")
     for p in (ai, am):
-        p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None)
-        p.add_argument("--trust-remote-code", action="store_true")
-        p.add_argument("--json", action="store_true")
+        p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
+                       help="weights dtype (default: the checkpoint's own)")
+        p.add_argument("--trust-remote-code", action="store_true", help="run model code from the checkpoint")
+        p.add_argument("--json", action="store_true", help="print the result as JSON")
     ai.set_defaults(func=cmd_adapter_init)
     am.set_defaults(func=cmd_adapter_merge)
 
     ev = sub.add_parser("export-vllm", help="write a DeRa pair as one directory for `vllm serve` (λ per request)")
-    ev.add_argument("--ref", required=True)
+    ev.add_argument("--ref", required=True, help="reference (SFT) model")
     ev.add_argument("--aligned", action="append", required=True, help="aligned model (repeat for several)")
-    ev.add_argument("--out", required=True)
+    ev.add_argument("--out", required=True, help="output directory")
     ev.add_argument("--default-lam", help="λ for requests that give none (default 1; a comma list with several --aligned)")
-    ev.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None)
-    ev.add_argument("--trust-remote-code", action="store_true")
-    ev.add_argument("--json", action="store_true")
+    ev.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
+                    help="weights dtype (default: the checkpoint's own)")
+    ev.add_argument("--trust-remote-code", action="store_true", help="run model code from the checkpoint")
+    ev.add_argument("--json", action="store_true", help="print the result as JSON")
     ev.set_defaults(func=cmd_export_vllm)
 
     t = sub.add_parser("train", help="adapter-only DPO / SFT (CLM, InRa) and TrRa distillation, on TRL")
@@ -386,24 +400,24 @@ def make_parser() -> argparse.ArgumentParser:
                              ("distill", "GKDConfig", " --max_new_tokens 128")):
         tp = tv.add_parser(name, help=f"{name} recipe", epilog=trl_help.format(cfg, extra))
         if name == "distill":
-            tp.add_argument("--ref", required=True)
-            tp.add_argument("--aligned", required=True)
+            tp.add_argument("--ref", required=True, help="reference (SFT) model")
+            tp.add_argument("--aligned", required=True, help="aligned model")
             tp.epilog += (" TrRa flags: --lam L, --student full|adapter, --iterations K, --on-policy-fraction F; with "
                            "--student adapter: --adapter-layers N --init identity|kaiming|copy --lora-rank R.")
         else:
-            tp.add_argument("--model", required=True)
+            tp.add_argument("--model", required=True, help="base model: local directory or hub id")
             tp.epilog += (" Baselines: --full | --lora-rank R | --tune-layers bottom:K|top:K; adapter: "
                           "--adapter-layers N --init identity|kaiming|copy. --resume continues from the last checkpoint.")
         tp.add_argument("--data", required=True, help="JSONL/CSV/parquet file, a save_to_disk directory, or a hub id")
-        tp.add_argument("--out", required=True)
-        tp.add_argument("--trust-remote-code", action="store_true")
-        tp.add_argument("--json", action="store_true")
+        tp.add_argument("--out", required=True, help="output directory")
+        tp.add_argument("--trust-remote-code", action="store_true", help="run model code from the checkpoint")
+        tp.add_argument("--json", action="store_true", help="print the result as JSON")
         tp.set_defaults(func=cmd_train, takes_rest=True)
 
     s = sub.add_parser("serve", help="OpenAI-compatible server with λ per request (`alignment_strength`)")
     _add_model_flags(s)
     s.add_argument("--host", default="127.0.0.1", help="interface to listen on (default: loopback only)")
-    s.add_argument("--port", type=int, default=8000)
+    s.add_argument("--port", type=int, default=8000, help="port to listen on")
     s.add_argument("--default-lam", help="λ when a request gives none (default 1.0; a comma list with several --aligned)")
     s.add_argument("--lam-range", default="-5,10", help="allowed λ (each weight), as --lam-range=LO,HI (default -5,10)")
     s.add_argument("--api-key", help="require `Authorization: Bearer KEY` on /v1/* (ALIGNDIAL_API_KEY keeps it out of ps)")
@@ -428,12 +442,12 @@ def make_parser() -> argparse.ArgumentParser:
                    "accuracy:REGEX | judge:URL | pairwise-accuracy:DATA.jsonl (repeatable; default length)")
     w.add_argument("--out", required=True, help="directory for rows.jsonl, summary.csv and plots (resumable)")
     w.add_argument("--samples", type=int, default=1, help="responses per prompt and λ (with --do-sample)")
-    w.add_argument("--max-new-tokens", type=int, default=64)
+    w.add_argument("--max-new-tokens", type=int, default=64, help="tokens to generate per reply")
     w.add_argument("--do-sample", action="store_true", help="sample instead of greedy decoding")
-    w.add_argument("--temperature", type=float, default=1.0)
-    w.add_argument("--top-p", type=float, default=1.0)
-    w.add_argument("--top-k", type=int, default=0)
-    w.add_argument("--seed", type=int, default=0)
+    w.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (with --do-sample)")
+    w.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling (with --do-sample)")
+    w.add_argument("--top-k", type=int, default=0, help="top-k sampling, 0 for off (with --do-sample)")
+    w.add_argument("--seed", type=int, default=0, help="seeds sampling and the judge's order swaps")
     w.add_argument("--chat", action="store_true", help="apply the reference tokenizer's chat template")
     w.add_argument("--batch-size", type=int, default=8, help="rows per generate call and scoring forward")
     w.add_argument("--select", help="choose the λ with the highest mean of this metric on --on")
@@ -454,11 +468,13 @@ def make_parser() -> argparse.ArgumentParser:
     d = sub.add_parser("demo", help="the embedded demo: alignment strength as a dial on tiny models",
                        description="`aligndial demo` sweeps λ on the bundled models (under a minute); "
                                    "`aligndial demo build` trains them from scratch (about 8 minutes on 2 cores).")
-    d.add_argument("action", nargs="?", choices=["build"], help="build: train the demo models from scratch")
+    d.add_argument("action", nargs="?", choices=["build", "tour"],
+                   help="build: train the demo models from scratch; tour: write the README tour's models and files")
     d.add_argument("--models", help="a bundle directory written by `demo build --out` (default: the bundled one)")
     d.add_argument("--plot", help="where to write the PNG plot (default aligndial-demo.png; '' for none)")
     d.add_argument("--json", action="store_true", help="print the results as one JSON object")
-    d.add_argument("--out", help="build: where to write the bundle (default: inside the installed package)")
+    d.add_argument("--out", help="build: where to write the bundle (default: inside the installed package); "
+                   "tour: where to write the tour's files (default: the current directory)")
     d.add_argument("--seed", type=int, default=0, help="build: seeds data, initialisation and training")
     d.add_argument("--small", action="store_true", help="build: a much smaller, faster configuration (smoke test)")
     d.set_defaults(func=cmd_demo)

@@ -22,8 +22,8 @@ Everything is seeded (data, initialisation, trainer) and runs on one thread, so 
 gives byte-identical files on any machine of the same kind.
 
 Why one thread: these models are so small that a second thread buys little, and on a shared
-machine OpenMP threads spin while they wait for a busy core (the reference SFT took 4x the CPU
-time with 2 threads as with 1 while others ran tests).
+machine OpenMP threads spin while they wait for a busy core, which multiplies the CPU time a
+build costs (docs/benchmarks.md, "Demo build").
 
 The output directory gets one sub-directory per stage with only what loading needs, and
 `manifest.json`: command, seed, configuration, versions, timings and the sha256 of every file.
