@@ -802,7 +802,7 @@ def test_case29_tokenizing_never_blocks_health(llama):
     ref, aligned, _ = llama
     pair = RealignedPair.from_pretrained(ref, aligned)
     with Server(HFEngine(pair, pair.tokenizer, 1), max_body_bytes=8 * 2**20, max_prompt_chars=10**8) as server:
-        body = {"prompt": "Hello world, " * 40_000, "max_tokens": 1}  # 520k characters: seconds of tokenizing here
+        body = {"prompt": "Hello world, " * 40_000, "max_tokens": 1}  # 520k characters: long enough to see a blocked loop
         with ThreadPoolExecutor(1) as pool:
             refused = pool.submit(server.post, "/v1/completions", body)
             slowest = 0.0

@@ -26,14 +26,14 @@ MIN_TEMPERATURE = 1e-4
 
 # Request bodies above this get a 413 before they are read (Content-Length) or as soon as the
 # streamed body passes it. 1 MiB holds a prompt of ~250k tokens of English, far above any context
-# served here; without a limit a 50 MB prompt took minutes and gigabytes to refuse (issue 18).
+# served here; without a limit, refusing a huge prompt cost time and memory in proportion to it.
 MAX_BODY_BYTES = 2**20
 
-# The prompt-length limit on characters, checked before tokenizing (tokenizing a 5 MB prompt took
-# seconds and ~800 MB only to find it too long). By default it is the context length times this
-# factor: tokens of real tokenizers average 3–5 characters of English, and a generous 16 leaves
-# every prompt that could fit the context untouched (it is only a cheap early bound; the exact
-# check on tokens follows).
+# The prompt-length limit on characters, checked before tokenizing (tokenizing costs time and
+# memory in proportion to the text, only to find it too long). By default it is the context
+# length times this factor. Tokens of real tokenizers average 3–5 characters of English, so a
+# prompt refused here could fit the context only if its tokens averaged more than 16 characters
+# (long runs of spaces or symbols); --max-prompt-chars raises it. The exact check on tokens follows.
 CHARS_PER_TOKEN = 16
 
 # At most this many stop strings (OpenAI allows 4): each is searched in every decoded token's
