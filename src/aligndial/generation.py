@@ -136,8 +136,11 @@ def generate_rows(
         out = model.generate(**enc, **extra, pad_token_id=tokenizer.pad_token_id, **gen_kwargs)
     elapsed = time.perf_counter() - start
     new = out[:, enc["input_ids"].shape[1] :].tolist()
-    eos = model.generation_config.eos_token_id
-    eos = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
+    if hasattr(model, "eos_token_ids"):  # a pair: the EOS ids of the members this λ runs (aligndial.pair)
+        eos = set(model.eos_token_ids(lam, len(prompts)))
+    else:
+        eos = model.generation_config.eos_token_id
+        eos = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
     rows = []
     for ids in new:
         cut = next((i + 1 for i, t in enumerate(ids) if t in eos), len(ids))
