@@ -43,10 +43,11 @@ def setup(tok, tmp_path_factory):
 
 
 def sweep_argv(setup, out, engine: str) -> list[str]:
-    return ["sweep", "--model", setup["model"], "--adapter", setup["adapter"], "--lams", LAMS, "--prompts",
+    return ["sweep", "--model", setup["model"], "--adapter", setup["adapter"], f"--lams={LAMS}", "--prompts",
             setup["prompts"], "--metric", "kl", "--metric", "length", "--metric", "reward:toy_reward:score",
             "--metric", f"pairwise-accuracy:{setup['pairs']}", "--max-new-tokens", "8", "--out", str(out),
-            "--select", "reward", "--on", setup["val"], "--max-kl", "1e9", "--engine", engine, "--json"]
+            "--select", "reward", "--on", setup["val"], "--max-kl", "1e9", "--engine", engine, "--json",
+            *(["--enforce-eager"] if engine == "vllm" else [])]  # compiled: test_vllm.py's servers
 
 
 def read_rows(out):
@@ -124,7 +125,7 @@ def test_a_stopped_vllm_sweep_resumes_where_it_stopped(setup, sweeps, tmp_path, 
     monkeypatch.setattr(VLLMBatchEngine, "rows", counting_rows)
     argv = sweep_argv(setup, out, "vllm")
     i = argv.index("--select")
-    assert main(argv[:i] + argv[i + 5:]) == 0  # without --select: one sweep
+    assert main(argv[:i] + argv[i + 6:]) == 0  # without --select: one sweep
     assert requested == [len(full) - 4]
     rows = read_rows(out)
     assert [r["tokens_per_second"] for r in rows[:4]] == [-1.0] * 4

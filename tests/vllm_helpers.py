@@ -80,6 +80,10 @@ def qwen3_replica(root, seed: int, name: str, variant: str = "base") -> str:
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
     with torch.no_grad():
         model.get_output_embeddings().weight[QWEN3_TOKENS:] = 0.0
+    if variant == "instruct":  # ends a chat reply with <|im_end|> after 3-20 tokens, as real instruct models do
+        from replicas import _calibrate_eos
+
+        _calibrate_eos(model, AutoTokenizer.from_pretrained(out), QWEN3_IM_END, seed)
     model.generation_config.eos_token_id = QWEN3_ENDOFTEXT if variant == "base" else [QWEN3_IM_END, QWEN3_ENDOFTEXT]
     model.generation_config.bos_token_id = QWEN3_ENDOFTEXT
     model.save_pretrained(out)
