@@ -4,12 +4,13 @@ The dual path multiplies every shared weight by 2B rows at each decode step, and
 is slow at that shape on the x86 CPUs we measured (see `csrc/few_rows_bf16.cpp`): without
 native bf16 (AMD Zen 3) the second row costs nearly as much as the first; with it (Intel
 Sapphire Rapids) oneDNN's 1-2 row product took 2-5x what the kernel's AVX512-BF16 loop does.
-The dual path installs the kernel only where it times faster than stock on the model's own
-weights (`aligndial.dualpath._beats_stock`), so a CPU where torch wins keeps torch.
+The dual path uses it for bf16 on x86 CPUs with AVX2 (`aligndial.dualpath.few_rows_product`,
+a fixed rule, never a timing, so results do not depend on machine load).
 
 It is compiled on first use with torch's C++ extension builder (gcc + ninja; about a minute,
 once per machine, cached in torch's extensions directory). Set ALIGNDIAL_KERNELS=0 to use
-torch's GEMM instead. If the build fails, a warning says why and torch's GEMM is used.
+torch's GEMM instead. If the build fails, a warning says why and torch's GEMM is used. A build
+interrupted by Ctrl-C leaves torch's `lock` file behind; the next build removes it (`_exclusive`).
 """
 
 from __future__ import annotations
