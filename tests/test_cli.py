@@ -301,3 +301,18 @@ def test_enforce_eager_starts_vllm_without_compiling(capsys, tmp_path):
     assert code == 0 and json.loads(proc.stdout)["token_ids"] == json.loads(out)["token_ids"]
     code, _, err = run(capsys, *argv, "--enforce-eager")
     assert code == 2 and "`--enforce-eager` applies to `--engine vllm`" in err
+
+
+def test_served_model_id_is_the_directory_name_or_served_model_name(tmp_path):
+    """Clients send the model's name, not the server's local paths joined by `+`."""
+    from aligndial.cli import make_parser, served_model_name
+
+    (tmp_path / "sft-model").mkdir()
+    (tmp_path / "dpo-model").mkdir()
+    (tmp_path / "helpful").mkdir()
+    parse = make_parser().parse_args
+    assert served_model_name(parse(["serve", "--model", f"{tmp_path}/sft-model/"])) == "sft-model"
+    assert served_model_name(parse(["serve", "--ref", str(tmp_path / "sft-model"), "--aligned", str(tmp_path / "dpo-model"),
+                                    "--aligned", str(tmp_path / "helpful")])) == "dpo-model+helpful"
+    assert served_model_name(parse(["serve", "--model", "Qwen/Qwen2.5-0.5B-Instruct"])) == "Qwen/Qwen2.5-0.5B-Instruct"
+    assert served_model_name(parse(["serve", "--model", str(tmp_path / "sft-model"), "--served-model-name", "mine"])) == "mine"
