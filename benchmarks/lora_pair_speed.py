@@ -10,7 +10,7 @@ Goals (issue 21): tokens/s at λ=0.5 ≥ 1.6× the full pair (≥ 0.8× one plai
   so load on this shared machine hits all sides alike. Sides: the plain base model, the full pair,
   the LoRA pair with our row routing and with PEFT's mixed-adapter batches (`routing="peft"`),
   and the LoRA pair at λ=0 and λ=1.
-- Whole generations (128 new tokens, `generate`), full pair and LoRA pair alternating.
+- Whole generations (`--tokens` new tokens, 128 by default), full pair and LoRA pair alternating.
 - Peak RSS: each side loads from disk (`RealignedPair.from_pretrained`) and generates in its own
   fresh process; the number is VmHWM after generating minus VmHWM after imports.
 """
@@ -24,6 +24,7 @@ import tempfile
 
 import torch
 
+import common
 from common import Decoder, compare_speed, interleaved_steps, llama_50m, prompt_ids, table
 
 RANK = 16
@@ -77,7 +78,7 @@ def step_table(ids, rounds: int, instances: int) -> list[dict]:
 
 
 def peak_rss(kind: str, root: str) -> float:
-    """MiB of peak RSS above the post-import baseline: load the pair from disk, generate 64 tokens."""
+    """MiB of peak RSS above the post-import baseline: load the pair from disk, generate 32 tokens."""
     code = f"""
 import torch
 from aligndial.pair import RealignedPair
@@ -88,7 +89,7 @@ base = hwm()
 aligned = {root!r} + ("/lora" if {kind!r} == "lora" else "/merged")
 pair = RealignedPair.from_pretrained({root!r} + "/base", aligned)
 with torch.no_grad():
-    pair.generate(prompt_ids(), lam=0.5, max_new_tokens=64, min_new_tokens=64, do_sample=False, pad_token_id=0)
+    pair.generate(prompt_ids(), lam=0.5, max_new_tokens=32, min_new_tokens=32, do_sample=False, pad_token_id=0)
 print(type(pair).__name__, (hwm() - base) / 1024)
 """
     here = os.path.dirname(os.path.abspath(__file__))
@@ -118,16 +119,20 @@ def main():
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--rounds", type=int, default=3, help="rounds of 128 steps per side (median step)")
     parser.add_argument("--instances", type=int, default=1, help="model instances per side in the per-step table")
+    parser.add_argument("--tokens", type=int, default=common.NEW_TOKENS,
+                        help="new tokens per generation / steps per round (fewer on a busy machine)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    common.NEW_TOKENS = args.tokens
     load_before = os.getloadavg()
     ids = prompt_ids()
     steps = step_table(ids, args.rounds, args.instances)
-    print("measured per step", steps, file=sys.stderr, flush=True)
+    print("measured per step", steps, "load", os.getloadavg(), file=sys.stderr, flush=True)
     full, lora = full_pair(), lora_pair()
     full_tps, lora_tps, ratio = compare_speed(lambda x, **kw: full.generate(x, lam=0.5, **kw),
                                               lambda x, **kw: lora.generate(x, lam=0.5, **kw), ids, args.rounds)
     generate = {"full_pair_tok_s": round(full_tps, 1), "lora_pair_tok_s": round(lora_tps, 1), "ratio": round(ratio, 3)}
+    print("measured generate", generate, "load", os.getloadavg(), file=sys.stderr, flush=True)
     with tempfile.TemporaryDirectory() as root:
         save_models(root)
         full_mib, lora_mib = peak_rss("full", root), peak_rss("lora", root)
@@ -136,7 +141,7 @@ def main():
     if args.json:
         print(json.dumps({"per_step": steps, "generate_lam_0.5": generate, "peak_rss_fp32": memory, **load}))
         return
-    print(f"LoRA pair vs full pair, fp32, 58M Llama, rank-{RANK} LoRA on every linear, batch 1, 128 new tokens")
+    print(f"LoRA pair vs full pair, fp32, 58M Llama, rank-{RANK} LoRA on every linear, batch 1, {args.tokens} new tokens")
     print("\nPer decode step, sides taking turns at every step (median; tok/s = 1 / step):")
     print(table([tuple(r.values()) for r in steps], tuple(steps[0])))
     print(f"\nWhole generate at λ=0.5, alternating: full pair {generate['full_pair_tok_s']} tok/s, "

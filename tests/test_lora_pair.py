@@ -222,6 +222,25 @@ def test_cli_refuses_what_it_cannot_mix(llama_lora, tmp_path, capsys):
         assert code == 2 and "runs only on the transformers engine" in capsys.readouterr().err
 
 
+def test_sweep_with_a_lora_dir_equals_the_merged_full_pair(llama_lora, tmp_path, capsys):
+    base, (a, _) = llama_lora
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in ("Hello", "The quick brown fox")))
+    merged_dir = tmp_path / "merged"
+    merged(base, a).save_pretrained(merged_dir)
+    build_tokenizer().save_pretrained(merged_dir)
+    rows = {}
+    for name, aligned in (("lora", a), ("full", str(merged_dir))):
+        code = main(["sweep", "--ref", base, "--aligned", aligned, "--lams", "0,0.5,2", "--prompts", str(prompts),
+                     "--metric", "kl", "--metric", "length", "--max-new-tokens", "5", "--out", str(tmp_path / name)])
+        assert code == 0, capsys.readouterr().err
+        rows[name] = [json.loads(line) for line in (tmp_path / name / "rows.jsonl").read_text().splitlines()]
+    assert [r["token_ids"] if "token_ids" in r else r["text"] for r in rows["lora"]] == \
+        [r["token_ids"] if "token_ids" in r else r["text"] for r in rows["full"]]
+    for got, expected in zip(rows["lora"], rows["full"]):
+        assert got["kl"] == pytest.approx(expected["kl"], rel=1e-4, abs=1e-5)
+
+
 def test_server_one_prompt_at_two_lam(llama_lora, tok):
     from aligndial.serve import HFEngine
     from test_serve import NAME, Server
