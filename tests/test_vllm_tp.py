@@ -28,8 +28,10 @@ def rank_shapes(worker) -> dict:
     return {name: tuple(p.shape) for name, p in model.named_parameters()}
 
 
-def test_dual_path_tp2_equals_tp1_and_shards_every_path(tok, tmp_path):
+def test_dual_path_tp2_equals_tp1_and_shards_every_path(tok, tmp_path, monkeypatch):
     from vllm import LLM
+
+    monkeypatch.setenv("VLLM_ALLOW_INSECURE_SERIALIZATION", "1")  # collective_rpc sends `rank_shapes` to the workers
 
     from aligndial.vllm.run import cpu_tensor_parallel, restored_env
 
@@ -51,9 +53,10 @@ def test_dual_path_tp2_equals_tp1_and_shards_every_path(tok, tmp_path):
     hidden, inter = plain.config.hidden_size, plain.config.intermediate_size
     heads, kv, head_dim = plain.config.num_attention_heads, plain.config.num_key_value_heads, hidden // 2
     layers = plain.config.num_hidden_layers + 1  # the adapter layer first
+    q_rows, kv_rows = heads // 2 * head_dim, max(1, kv // 2) * head_dim  # vLLM replicates a KV head over ranks
     for i in range(layers):  # adapter and shared layers alike: columns split for q, k, v and gate/up, rows for o/down
         p = f"lm.model.layers.{i}"
-        assert shapes[0][f"{p}.self_attn.qkv_proj.weight"] == ((heads + 2 * kv) * head_dim // 2, hidden)
+        assert shapes[0][f"{p}.self_attn.qkv_proj.weight"] == (q_rows + 2 * kv_rows, hidden)
         assert shapes[0][f"{p}.self_attn.o_proj.weight"] == (hidden, heads * head_dim // 2)
         assert shapes[0][f"{p}.mlp.gate_up_proj.weight"] == (2 * inter // 2, hidden)
         assert shapes[0][f"{p}.mlp.down_proj.weight"] == (hidden, inter // 2)
