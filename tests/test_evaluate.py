@@ -111,9 +111,25 @@ def test_resumed_sweep_skips_finished_rows(capsys, tmp_path, pair, monkeypatch):
     lines = path.read_text().splitlines()
     path.write_text("\n".join(lines[:-1]) + "\n" + lines[-1][:20])
     generated.clear()
-    again, _ = sweep(pair, pair.tokenizer, PROMPTS, SweepConfig(lams=[0, 0.5, 1], **config), out=out)
+    with pytest.warns(UserWarning, match=r"rows.jsonl:9: dropped a row cut off mid-write"):
+        again, _ = sweep(pair, pair.tokenizer, PROMPTS, SweepConfig(lams=[0, 0.5, 1], **config), out=out)
     assert sum(generated) == 1 and [r["text"] for r in again] == [r["text"] for r in rows]
     assert len(path.read_text().splitlines()) == 9
+
+    # Stopped between a whole row and its newline: the row is kept, and a resume that appends
+    # new rows must not run them into that line (a later rerun then refused the file).
+    path.write_text("".join(path.read_text().splitlines(keepends=True)[:8]).rstrip("\n"))
+
+    def stopped_after_one_batch(*args, **kwargs):  # the first batch holds two λ: two generate calls
+        if len(generated) == 2:
+            raise KeyboardInterrupt
+        return counting_generate(*args, **kwargs)
+
+    generated.clear()
+    monkeypatch.setattr(pair, "generate", stopped_after_one_batch)
+    with pytest.raises(KeyboardInterrupt):
+        sweep(pair, pair.tokenizer, PROMPTS, SweepConfig(lams=[0, 0.5, 1, 2], **config), out=out)
+    assert len([json.loads(line) for line in path.read_text().splitlines()]) == 8 + config["batch_size"]
 
     with pytest.raises(ValueError, match="max_new_tokens: 4 there, 6 now"):
         sweep(pair, pair.tokenizer, PROMPTS, SweepConfig(lams=[0], **{**config, "max_new_tokens": 6}), out=out)

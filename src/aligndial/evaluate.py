@@ -24,6 +24,7 @@ import json
 import math
 import os
 import statistics
+import warnings
 import zlib
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -186,8 +187,7 @@ def sweep(model, tokenizer, prompts: list[dict], config: SweepConfig, out: str |
             new = generate_batch(engine, tokenizer, todo[start : start + step], prompts, config)
             done.update({_key(r["lam"], r["prompt_index"], r["sample"]): r for r in new})
             if out is not None:
-                with open(Path(out) / "rows.jsonl", "a") as f:
-                    f.writelines(json.dumps(r) + "\n" for r in new)
+                _append_rows(Path(out) / "rows.jsonl", new)
             bar.update(len(new))
     rows = [done[_key(p, i, s)] for p in config.points for i in range(len(prompts)) for s in range(config.samples)]
 
@@ -234,7 +234,8 @@ def _resume(out: Path, config: SweepConfig, prompts: list[dict]) -> dict:
     path = out / "rows.jsonl"
     if not path.exists():
         return {}
-    lines = [line for line in path.read_text().splitlines() if line.strip()]
+    text = path.read_text()
+    lines = [line for line in text.splitlines() if line.strip()]
     rows = []
     for n, line in enumerate(lines, 1):
         try:
@@ -242,12 +243,25 @@ def _resume(out: Path, config: SweepConfig, prompts: list[dict]) -> dict:
         except json.JSONDecodeError:
             if n < len(lines):
                 raise ValueError(f"{path}:{n}: not valid JSON; fix or delete that line") from None
-            _rewrite(path, rows)  # the last batch was cut off mid-write: it is generated again
+            warnings.warn(f"{path}:{n}: dropped a row cut off mid-write (the run was stopped); it is generated again",
+                          stacklevel=2)
+    if text and not text.endswith("\n"):
+        # A stop between a row and its newline leaves a line the next append would run into,
+        # so the file is rewritten whole-line before anything is appended.
+        _rewrite(path, rows)
     for r in rows:
         i = r["prompt_index"]
         if i < len(prompts) and r["prompt"] != prompt_of(prompts[i]):
             raise ValueError(f"{path}: prompt {i} differs from the prompt file's; use a new `--out` for new prompts")
     return {_key(r["lam"], r["prompt_index"], r["sample"]): r for r in rows}
+
+
+def _append_rows(path: Path, rows: list[dict]) -> None:
+    """Each row as one write of its whole line, flushed: a stop mid-run tears at most the last line."""
+    with open(path, "a") as f:
+        for r in rows:
+            f.write(json.dumps(r) + "\n")
+            f.flush()
 
 
 def _rewrite(path: Path, rows: list[dict]) -> None:
