@@ -23,9 +23,16 @@ pytestmark = pytest.mark.slow
 
 
 def rank_shapes(worker) -> dict:
-    """Runs in each TP worker: the shapes of the loaded weights this rank holds."""
-    model = worker.model_runner.model
-    return {name: tuple(p.shape) for name, p in model.named_parameters()}
+    """Runs in each TP worker: the (rows, columns) of every linear's shard on this rank, and the head's
+    vocab rows. (Read from the layers: vLLM's CPU backend repacks the weights after loading, leaving
+    the parameters empty.)"""
+    out = {}
+    for name, m in worker.model_runner.model.named_modules():
+        if hasattr(m, "output_size_per_partition") and hasattr(m, "input_size_per_partition"):
+            out[f"{name}.weight"] = (m.output_size_per_partition, m.input_size_per_partition)
+        elif hasattr(m, "num_embeddings_per_partition"):
+            out[f"{name}.weight"] = (m.num_embeddings_per_partition, m.embedding_dim)
+    return out
 
 
 def test_dual_path_tp2_equals_tp1_and_shards_every_path(tok, tmp_path, monkeypatch):
