@@ -345,8 +345,7 @@ def mix_hidden(ref_hidden: torch.Tensor, aligned_hidden: torch.Tensor, lam: LamL
 
     Used before a shared linear head (the dual-path model, its vLLM form), once per decoded
     token, so it is a single `lerp` rather than `mix_logits`' general loop, whose dozen small
-    ops measured ~0.3 ms inside a 58M model's bf16 decode step (0.06-0.08 ms standalone;
-    this `lerp` form 0.03 ms). `lerp` is
+    ops cost a visible share of a small model's bf16 decode step (docs/benchmarks.md). `lerp` is
     exact at both ends (λ=0 gives x_ref, λ=1 gives x_aligned, bit for bit). Hidden states have
     no masked positions, so any non-finite value means a broken model and raises.
     """

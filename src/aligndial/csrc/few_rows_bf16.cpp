@@ -5,7 +5,7 @@
 // - without native bf16 (AMD Zen 3), its GEMM widens W to float32 once per row, so 2 rows cost
 //   ~1.8x one row. Here each W element is loaded and widened once and used for every row;
 // - with native bf16 (Intel Sapphire Rapids, AVX512-BF16 + AMX), oneDNN's product for 1-2 rows
-//   took 2-5x what this file's AVX512-BF16 loop does (a 512x512 weight: 58 µs against 12.5 µs).
+//   took several times what this file's AVX512-BF16 loop does (docs/benchmarks.md).
 // The AVX512-BF16 loop is chosen at run time where the CPU has it (`vdpbf16ps`: bf16 pairs
 // multiplied exactly and summed into float32). Either way accumulation is float32 and the result
 // is rounded to nearest even once, as torch does.
@@ -71,10 +71,9 @@ static void block(const uint16_t* w, const float* x, float* y, int64_t o, int64_
 }
 
 // The AVX512-BF16 loop prefetches W this many blocks ahead. On weights streamed from memory, the
-// hardware prefetcher alone left 2 rows at 1.4-1.7x the time of 1; this prefetch brought it to
-// 1.12-1.19x, and blocks of 8 weight rows (for 1-2 rows of x) to 1.05-1.08x (8 layers of the
-// benchmark model: 2.5-2.9 ms and 2.7-3.1 ms). Prefetches never fault, so the last blocks may
-// safely prefetch past the end of W.
+// hardware prefetcher alone left a second row of x costing much of a first one; prefetching, and
+// blocks of 8 weight rows for 1-2 rows of x, brought it close to free (docs/benchmarks.md).
+// Prefetches never fault, so the last blocks may safely prefetch past the end of W.
 constexpr int kPrefetchBlocks = 2;
 
 // The same block with AVX512-BF16: 32 bf16 of W and x per instruction, no widening. x is bf16.
