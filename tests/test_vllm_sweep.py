@@ -132,3 +132,21 @@ def test_a_stopped_vllm_sweep_resumes_where_it_stopped(setup, sweeps, tmp_path, 
     for a, b in zip(full, rows):
         assert (a["text"], a["token_ids"], a["length"]) == (b["text"], b["token_ids"], b["length"])
         assert b["kl"] == pytest.approx(a["kl"], abs=1e-6)
+
+
+def test_the_engine_has_room_for_a_whole_sweep_batch_whatever_its_first_call(setup):
+    """The engine starts at its first call: a one-row first call (a warm-up, a resumed sweep's last
+    row) must not leave vLLM one row per step for the 256-row batches after it."""
+    import argparse
+
+    from aligndial.engines import Settings
+    from aligndial.vllm.run import MAX_NUM_SEQS
+
+    args = argparse.Namespace(model=setup["model"], adapter=setup["adapter"], ref=None, aligned=None, dtype="float32",
+                              trust_remote_code=False, seed=0, tensor_parallel_size=1, enforce_eager=True)
+    engine = VLLMBatchEngine.from_args(args)
+    try:
+        assert len(engine.rows(["Hello"], [0.5], Settings(max_new_tokens=2))) == 1
+        assert engine.llm.llm_engine.vllm_config.scheduler_config.max_num_seqs == MAX_NUM_SEQS
+    finally:
+        engine.close()

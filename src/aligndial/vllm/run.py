@@ -246,8 +246,8 @@ class VLLMBatchEngine:
                             **stop_kwargs(self.member_eos, lam, self.n_aligned))
             for t, lam in zip(texts, lams)
         ]
-        if self.llm is None:
-            self._start(max_num_seqs=max(1, min(len(params), MAX_NUM_SEQS)))
+        if self.llm is None:  # room for a whole sweep batch, whatever size this first call has
+            self._start(max_num_seqs=MAX_NUM_SEQS)
         start = time.perf_counter()
         outs = self.llm.generate([{"prompt_token_ids": p} for p in ids], params, use_tqdm=sys.stderr.isatty())
         elapsed = time.perf_counter() - start
