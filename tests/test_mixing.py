@@ -1,5 +1,5 @@
 """The mixing core: properties of softmax((1 − Σλ_i)·h_ref + Σ λ_i·h_i) (DeRa Eq. 9, App. B),
-and RELIABILITY.md cases 12–17."""
+and docs/reliability.md cases 12–17."""
 
 import math
 import os

@@ -2,7 +2,7 @@
 against uvicorn on 127.0.0.1. Oracles: `aligndial generate` (greedy), i.e. the pair and the dual
 path on the stock transformers generation stack, and plain transformers for a plain model.
 
-Every RELIABILITY.md case 1–11 is here, each followed by a request that must succeed.
+Every docs/reliability.md case 1–11 is here, each followed by a request that must succeed.
 """
 
 import asyncio
@@ -258,7 +258,7 @@ def test_metrics_in_prometheus_text_format(pair_server):
     assert "# TYPE aligndial_queue_depth gauge" in text and "# TYPE aligndial_requests_total counter" in text
 
 
-# --- RELIABILITY.md case 11: per-row greedy is exact inside a concurrent mixed-λ batch ------------------
+# --- docs/reliability.md case 11: per-row greedy is exact inside a concurrent mixed-λ batch ------------------
 
 BATCH = [  # (prompt, λ, max_tokens): different lengths, so rows are padded and join and leave at different steps
     ("The quick brown fox", 0.0, 12), ("Hello", 0.5, 24), ("Numbers such as 12 and 345 appear", 2.0, 6),
@@ -289,7 +289,7 @@ def test_alone_and_in_a_concurrent_mixed_lam_batch_give_the_same_tokens(which, r
     server.assert_serves()
 
 
-# --- RELIABILITY.md cases 1–6 ------------------------------------------------------------------------------
+# --- docs/reliability.md cases 1–6 ------------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("body", [b"{not json", b"[]", b"null", b'"a string"', b"", b"[1, 2]"])
@@ -361,7 +361,7 @@ def test_case6_unknown_model_gives_404(pair_server):
     pair_server.assert_serves()
 
 
-# --- RELIABILITY.md cases 7–10 ------------------------------------------------------------------------------
+# --- docs/reliability.md cases 7–10 ------------------------------------------------------------------------------
 
 
 def test_case7_api_keys(strict_server):
@@ -597,7 +597,7 @@ def test_cli_server_two_aligned_models_keys_and_sigterm(llama, tmp_path, capsys)
     assert "POST /v1/completions" in output and key not in output
 
 
-# --- RELIABILITY.md cases 26–30: inputs just outside the list above (issue 18) --------------------------------
+# --- docs/reliability.md cases 26–30: inputs just outside the list above (issue 18) --------------------------------
 
 
 def engine_events(engine, *requests: GenerationRequest, timeout: float = 60) -> list[list[TokenEvent]]:

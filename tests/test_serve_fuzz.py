@@ -1,4 +1,4 @@
-"""Property-based fuzzing of `aligndial serve` over real HTTP (RELIABILITY.md, cases 1–10 and 26–30).
+"""Property-based fuzzing of `aligndial serve` over real HTTP (docs/reliability.md, cases 1–10 and 26–30).
 
 A real uvicorn server (the tiny llama DeRa pair) receives 300 random bodies, derandomized so CI
 sees the same ones every run: random JSON of any shape; request bodies whose fields are valid or

@@ -12,7 +12,7 @@ The same linear combination, applied to final hidden states instead of logits, i
 dual-path adapter model uses when both paths share one linear head: the weights sum to one,
 so W(Σ w_i·x_i) + b = Σ w_i·(W x_i + b).
 
-Numerics (see RELIABILITY.md, cases 12–15):
+Numerics (see docs/reliability.md, cases 12–15):
 - everything is mixed in float32, whatever the models' dtype, so fp16 cannot overflow at λ=50;
 - a source with weight exactly 0 is ignored entirely, which makes λ=0 and λ=1 bit-exact;
 - a token masked (−inf) in any source with a non-zero weight stays masked (the union of the

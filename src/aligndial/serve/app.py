@@ -11,7 +11,7 @@ bounds; here the model name, λ against the server's range, and the context leng
 it, submits token ids to the engine, and turns the engine's token events back into text, cut at
 stop strings. Responses carry the λ used as a top-level `alignment_strength` field.
 
-Robustness (RELIABILITY.md, cases 1–10): errors are OpenAI error objects (errors.py); a full
+Robustness (docs/reliability.md, cases 1–10): errors are OpenAI error objects (errors.py); a full
 engine gives 429 with Retry-After; a client that hangs up cancels its generation, streamed or
 not; an engine error after the first streamed chunk becomes an error event, then `data: [DONE]`;
 API keys are compared in constant time and never logged.

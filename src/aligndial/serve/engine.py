@@ -20,7 +20,7 @@ So a short request joins and leaves while a long one runs. Padding is masked and
 per row, so a row's logits inside any batch are its logits alone, up to the rounding of batched
 kernels: greedy rows decode the same tokens (tested against requests alone and `generate`).
 
-Isolation (RELIABILITY.md, case 27): an exception while serving one request fails that request
+Isolation (docs/reliability.md, case 27): an exception while serving one request fails that request
 only, with an error event per sequence, and its rows leave the batch:
 
 - anything in its prefill (its generators, its forward, its first samples);

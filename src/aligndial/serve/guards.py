@@ -1,4 +1,4 @@
-"""HTTP-level guards, before a request reaches a route (RELIABILITY.md, case 29):
+"""HTTP-level guards, before a request reaches a route (docs/reliability.md, case 29):
 
 - `ReadBody` (ASGI middleware): a POST body must be JSON (a JSON body sent as text/plain gets a
   415 that says which header to send), at most `max_body_bytes` (413 at once when Content-Length

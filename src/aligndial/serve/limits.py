@@ -1,7 +1,7 @@
 """Every bound the server puts on a request, in one place: its default, its flag, and its check.
 
 Imports only the standard library, so the command line can declare these flags without loading
-the server (RELIABILITY.md, cases 26–29). `ServerSettings` (app.py) takes its defaults from here,
+the server (docs/reliability.md, cases 26–29). `ServerSettings` (app.py) takes its defaults from here,
 `add_flags` declares them on `aligndial serve`, and `from_args` checks the values before any
 model loads.
 

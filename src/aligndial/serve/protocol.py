@@ -1,7 +1,7 @@
 """Request bodies of the OpenAI-compatible API, with their bounds (pydantic lives only here, at the
 HTTP boundary).
 
-Every number is checked before a request reaches the engine (RELIABILITY.md, cases 2 and 4):
+Every number is checked before a request reaches the engine (docs/reliability.md, cases 2 and 4):
 floats are finite (`allow_inf_nan=False`: NaN slips through `x < 0` tests, and the JSON parser
 reads 1e400 as inf), integers are real JSON integers (1.5 and "10" are refused), and the bounds
 are OpenAI's. Checks that depend on the server (the λ range, the model name, the context length)
@@ -10,7 +10,7 @@ are made in `app.py`. Unknown fields are ignored, as OpenAI-compatible servers u
 Fields that are not part of OpenAI's API are in the marked "extra" section; the official client
 sends them through `extra_body={"alignment_strength": 0.5}`.
 
-Hostile inputs (RELIABILITY.md, cases 26–28): a seed must lie in [0, 2**63) (limits.SEED_LIMIT),
+Hostile inputs (docs/reliability.md, cases 26–28): a seed must lie in [0, 2**63) (limits.SEED_LIMIT),
 every string must be valid Unicode (JSON's "\ud800" escape decodes to a lone surrogate, which
 no tokenizer can encode), and OpenAI fields this server does not implement (`logprobs`, `echo`,
 `best_of`, `logit_bias`, `tools`, ...) are refused when set to anything but their "off" value,
