@@ -326,8 +326,8 @@ def score_completions_only() -> None:
     TRL 1.16 drops the masked positions before its chunked head on Triton devices only, and
     scores every position elsewhere, so that tile shapes stay static for compilers such as
     Neuron's. On CPU, in eager mode, nothing recompiles, and the prompt positions were most of
-    the head's cost: the head was 60% of an adapter-DPO step on a 58M Llama with 150-token
-    prompts. The log-probs are the same rows either way (TRL itself zeroes the masked ones).
+    the head's cost, and the head a large share of an adapter-DPO step on a small model
+    (benchmarks/train_speed.py). The log-probs are the same rows either way (TRL itself zeroes the masked ones).
     """
     import trl.trainer.utils as trl_utils
 
