@@ -165,8 +165,8 @@ def restored_env(*names: str):
 def offline_on_cpu() -> None:
     """On CPU, run the offline engine's core in this process, its worker bound to every core we
     may use (unless the user set these variables). vLLM's default layout puts the scheduler and
-    the worker in two processes that poll each other and reserves a core for the scheduler: on
-    this 2-core machine that cost ~15-20% of the dual path's tokens/s (benchmarks/vllm_speed.py)."""
+    the worker in two processes that poll each other and reserves a core for the scheduler, a
+    large share of a small machine (measured in benchmarks/vllm_speed.py, docs/vllm.md)."""
     from vllm.platforms import current_platform
 
     if current_platform.is_cpu():
