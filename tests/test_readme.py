@@ -175,7 +175,8 @@ def test_every_readme_line_runs_as_written(readme_dir):
     print(readme_dir.report())
     assert not readme_dir.failed, readme_dir.report()
     assert {why for _, why in readme_dir.skipped} <= {"install", "gpu", "internet"}, readme_dir.report()
-    assert [line.split("#")[0].strip() for line, _ in readme_dir.skipped] == ["make demo", "make test"], readme_dir.report()
+    installs = [line.split("#")[0].strip() for line, why in readme_dir.skipped if why == "install"]
+    assert installs == ["make demo", "make test"], readme_dir.report()
     assert len(readme_dir.ran) >= 10  # the tour ran, not just its first block
     # What the lines promised is there.
     assert (readme_dir.cwd / "aligndial-demo.png").is_file()
