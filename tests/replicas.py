@@ -140,8 +140,9 @@ class Replicas:
         return self._built[key]
 
     def qwen3(self, variant: str = "instruct", dtype: str = "bfloat16", seed: int | None = None,
-              head_rows: int = QWEN3_HEAD_ROWS, layers: int = 2) -> str:
-        """Qwen3-shaped: tied 151936-row head (or `head_rows`) over the real 151669-token tokenizer."""
+              head_rows: int = QWEN3_HEAD_ROWS, layers: int = 2, head_dim: int = 16) -> str:
+        """Qwen3-shaped: tied 151936-row head (or `head_rows`) over the real 151669-token tokenizer.
+        `head_dim` 32 or more for vLLM's CPU attention (fewer, wider heads of the same hidden size)."""
         seed = (0 if variant == "base" else 1) if seed is None else seed
 
         def build(out: Path) -> None:
@@ -150,7 +151,8 @@ class Replicas:
             eos = QWEN3_ENDOFTEXT if variant == "base" else QWEN3_IM_END
             config = AutoConfig.for_model(
                 "qwen3", vocab_size=head_rows, hidden_size=64, intermediate_size=128, num_hidden_layers=layers,
-                num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=1024,
+                num_attention_heads=64 // head_dim, num_key_value_heads=max(1, 32 // head_dim), head_dim=head_dim,
+                max_position_embeddings=1024,
                 tie_word_embeddings=True, bos_token_id=QWEN3_ENDOFTEXT, eos_token_id=eos, rope_theta=1e6,
                 rms_norm_eps=1e-6, initializer_range=0.2,
             )
@@ -167,7 +169,7 @@ class Replicas:
                 model.generation_config = GenerationConfig(bos_token_id=QWEN3_ENDOFTEXT, eos_token_id=QWEN3_ENDOFTEXT)
             model.to(getattr(torch, dtype)).save_pretrained(out)
 
-        return self._once(("qwen3", variant, dtype, seed, head_rows, layers), build)
+        return self._once(("qwen3", variant, dtype, seed, head_rows, layers, head_dim), build)
 
     def llama3(self, variant: str = "instruct", dtype: str = "float32", seed: int | None = None) -> str:
         """Llama-3-like: BOS added by the tokenizer and written by the chat template; no pad token."""

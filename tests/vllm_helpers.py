@@ -14,7 +14,7 @@ from contextlib import contextmanager
 
 import pytest
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoModelForCausalLM
 
 from aligndial.adapter import decoder_layers, insert_adapter, load_adapter, save_adapter
 from aligndial.generation import generate_rows
@@ -62,33 +62,11 @@ def adapted(model_dir: str, adapter_dir: str):
 
 
 def qwen3_replica(root, seed: int, name: str, variant: str = "base") -> str:
-    """Qwen3-shaped behind the real Qwen3 tokenizer (tests/replicas.py): tied 151,936-row head over
-    151,669 tokens, padded rows zero; EOS <|endoftext|> (base) or [<|im_end|>, <|endoftext|>] in the
-    generation config (instruct), as Qwen publishes them; head_dim 32 for vLLM's CPU kernels."""
-    from replicas import QWEN3_ENDOFTEXT, QWEN3_HEAD_ROWS, QWEN3_IM_END, QWEN3_TOKENS, _write_qwen3_tokenizer
+    """The Qwen3-shaped replica of tests/replicas.py (real tokenizer, tied 151,936-row head, base or
+    instruct EOS), in float32 and with head_dim 32 for vLLM's CPU kernels."""
+    from replicas import Replicas
 
-    out = root / name
-    out.mkdir(parents=True)
-    _write_qwen3_tokenizer(out, variant)
-    config = AutoConfig.for_model(
-        "qwen3", vocab_size=QWEN3_HEAD_ROWS, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-        num_attention_heads=2, num_key_value_heads=1, head_dim=32, max_position_embeddings=1024,
-        tie_word_embeddings=True, bos_token_id=QWEN3_ENDOFTEXT, eos_token_id=QWEN3_ENDOFTEXT, rope_theta=1e6,
-        rms_norm_eps=1e-6, initializer_range=0.2,
-    )
-    torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
-    with torch.no_grad():
-        model.get_output_embeddings().weight[QWEN3_TOKENS:] = 0.0
-    if variant == "instruct":  # ends a chat reply with <|im_end|> after 3-20 tokens, as real instruct models do
-        from replicas import _calibrate_eos
-
-        _calibrate_eos(model, AutoTokenizer.from_pretrained(out), QWEN3_IM_END, seed)
-    model.generation_config.eos_token_id = QWEN3_ENDOFTEXT if variant == "base" else [QWEN3_IM_END, QWEN3_ENDOFTEXT]
-    model.generation_config.bos_token_id = QWEN3_ENDOFTEXT
-    model.save_pretrained(out)
-    assert len(AutoTokenizer.from_pretrained(out)) == QWEN3_TOKENS
-    return str(out)
+    return Replicas(root / name).qwen3(variant, dtype="float32", seed=seed, head_dim=32)
 
 
 def hf_grid(model, tok, lams=LAMS, prompts=PROMPTS, new: int = NEW) -> list[list[int]]:

@@ -71,7 +71,11 @@ def _config_class(base_type: str) -> type[PretrainedConfig]:
 
 CONFIGS = {base_type: _config_class(base_type) for base_type in NATIVE}
 # Config keys that may differ between pair members without changing the computation.
-_IGNORED_KEYS = {"_name_or_path", "name_or_path", "architectures", "transformers_version", "dtype", "torch_dtype"}
+# Keys that never change a member's computation. Base and instruct checkpoints of one family
+# differ in their special-token ids (Qwen3: EOS 151643 vs 151645); each member's EOS ids travel in
+# `member_eos` instead, so a row stops on the EOS of the members its λ runs.
+_IGNORED_KEYS = {"_name_or_path", "name_or_path", "architectures", "transformers_version", "dtype", "torch_dtype",
+                 "eos_token_id", "bos_token_id", "pad_token_id"}
 
 
 def member_names(n_aligned: int) -> list[str]:
