@@ -9,7 +9,10 @@ Goals (issue 21): tokens/s at λ=0.5 ≥ 1.6× the full pair (≥ 0.8× one plai
 - Per decode step: every side takes its turn at every step in a random order (`interleaved_steps`),
   so load on this shared machine hits all sides alike. Sides: the plain base model, the full pair,
   the LoRA pair with our row routing and with PEFT's mixed-adapter batches (`routing="peft"`),
-  and the LoRA pair at λ=0 and λ=1.
+  and the LoRA pair at λ=0 and λ=1. Two sides bound λ=0.5 from either side: the plain model on
+  2 rows with the few-row product the LoRA pair installs for its base weights (what λ=0.5 would
+  cost if the low-rank terms were free), and λ=1 on 2 rows (the low-rank terms on both rows
+  instead of one, by PEFT's operations: strictly more work).
 - Whole generations (`--tokens` new tokens, 128 by default), full pair and LoRA pair alternating.
 - Peak RSS: each side loads from disk (`RealignedPair.from_pretrained`) and generates in its own
   fresh process; the number is VmHWM after generating minus VmHWM after imports.
@@ -26,6 +29,7 @@ import torch
 
 import common
 from common import Decoder, compare_speed, interleaved_steps, llama_50m, prompt_ids, table
+from dualpath_speed import with_few_rows
 
 RANK = 16
 
@@ -61,11 +65,16 @@ def step_table(ids, rounds: int, instances: int) -> list[dict]:
     lam = lambda x: torch.tensor([[x]])  # noqa: E731
     sides = {
         "plain": lambda: Decoder(llama_50m(0)),
+        # the bound if the low-rank terms were free: the base weights on 2 rows, with the few-row
+        # product the LoRA pair installs for them on this CPU (if any)
+        "plain + product, 2 rows": lambda: Decoder(with_few_rows(llama_50m(0), torch.float32), rows=2),
         "full pair λ=0.5": lambda: Decoder(full_pair(), lam=lam(0.5)),
         "LoRA pair λ=0.5": lambda: Decoder(lora_pair(), lam=lam(0.5)),
         "LoRA pair (PEFT mixed batch) λ=0.5": lambda: Decoder(lora_pair("peft"), lam=lam(0.5)),
         "LoRA pair λ=0": lambda: Decoder(lora_pair(), lam=lam(0.0)),
         "LoRA pair λ=1": lambda: Decoder(lora_pair(), lam=lam(1.0)),
+        # strictly more work than λ=0.5: the low-rank terms on both rows (PEFT's operations)
+        "LoRA pair λ=1, 2 rows": lambda: Decoder(lora_pair(), rows=2, lam=1.0),
     }
     built = {name: [] for name in sides}
     for _ in range(instances):

@@ -150,6 +150,22 @@ def test_two_adapters_run_as_three_row_blocks(llama_lora, tok, prompts):
     assert_equals_full_pair(lora, full, enc, [[0.5, 0.25], [0.0, 1.0], [1.0, 0.0], [0.6, 0.4], [1.5, -1.5]])
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_row_routing_equals_peft_mixed_adapter_batches(llama_lora, tok, prompts, dtype):
+    """Both routings compute one mixed step: ours (in fp32 the in-place low-rank kernel; in bf16,
+    where PEFT keeps the adapter in fp32, PEFT's own casting operations per row block) and PEFT's
+    mixed-adapter batches (`adapter_names` with "__base__")."""
+    base, (a, _) = llama_lora
+    rows, peft_rows = (LoraPair.from_pretrained(base, a, dtype=dtype, routing=r) for r in ("rows", "peft"))
+    assert {m.lora_A["aligned0"].weight.dtype for m in rows.base.modules() if hasattr(m, "lora_A")} == {torch.float32}
+    enc = tok(prompts, return_tensors="pt", padding=True)
+    got, expected = masked_logps(rows, enc, 0.5), masked_logps(peft_rows, enc, 0.5)
+    if dtype is torch.float32:
+        assert_close_logps(got, expected, "fp32")
+    else:  # one bf16 rounding apart: PEFT casts the low-rank term to bf16 before adding it, we after
+        assert (got - expected).abs().max() < 0.1 and (got.argmax(-1) == expected.argmax(-1)).float().mean() > 0.9
+    assert not torch.equal(masked_logps(rows, enc, 0.0), got)  # the adapter rows moved the mix
+
 def test_qwen3_replica_equals_merged_full_pair(qwen3_lora, prompts):
     base, linear, _ = qwen3_lora
     lora = RealignedPair.from_pretrained(base, linear)

@@ -134,11 +134,20 @@ def _routed_class() -> type:
                 result = self.base_layer(x, *args, **kwargs)
                 for name, start, stop in rows.spans:
                     lora_a, lora_b = self.lora_A[name], self.lora_B[name]
-                    xs = x[start:stop].to(lora_a.weight.dtype)
-                    part = result[start:stop] + lora_b(lora_a(self.lora_dropout[name](xs))) * self.scaling[name]
-                    if start == 0 and stop == result.shape[0]:
+                    if start == 0 and stop == result.shape[0]:  # every row adapted: PEFT's own operations
+                        xs = x.to(lora_a.weight.dtype)
+                        part = result + lora_b(lora_a(self.lora_dropout[name](xs))) * self.scaling[name]
                         return part.to(result.dtype)
-                    result[start:stop] = part.to(result.dtype)
+                    a, b = lora_a.weight, lora_b.weight
+                    if self.training or not (x.dtype is a.dtype is b.dtype is result.dtype and result.is_contiguous()):
+                        xs = x[start:stop].to(a.dtype)
+                        part = result[start:stop] + lora_b(lora_a(self.lora_dropout[name](xs))) * self.scaling[name]
+                        result[start:stop] = part.to(result.dtype)
+                        continue
+                    # Eval (dropout is the identity), one dtype: the same low-rank term in two
+                    # kernels, added in place to this block's rows (a contiguous view of result).
+                    out = result[start:stop].view(-1, result.shape[-1])
+                    out.addmm_(torch.mm(x[start:stop].reshape(-1, x.shape[-1]), a.t()), b.t(), alpha=self.scaling[name])
                 return result
 
         _ROUTED_CLASS.append(RowRoutedLoraLinear)
