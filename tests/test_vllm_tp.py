@@ -4,18 +4,26 @@ The dual path and the pair shard like the base architecture (every path's projec
 heads / columns, both of the dual path's KV caches per rank), and vLLM gathers the vocab-parallel
 logits before `compute_logits` mixes them. Greedy tokens at every λ must equal the HF engine's,
 which TP=1 equals (test_vllm.py, test_vllm_archs.py); each rank must hold half of every sharded
-weight. `generate --engine vllm --tensor-parallel-size 2` runs the same through the CLI.
+weight. The same through every door: `generate --engine vllm --tensor-parallel-size 2` (a Llama
+pair), vLLM's own `vllm serve --tensor-parallel-size 2` (a Qwen3 replica's dual path) and
+`aligndial serve --engine vllm --tensor-parallel-size 2` (a Qwen3 replica base + instruct pair,
+whose rows stop on their members' EOS), both servers asked with the real `openai` client.
 """
 
 import json
 import os
+import sys
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 from transformers import AutoModelForCausalLM
-from vllm_helpers import LAMS, PROMPTS, adapted, hf_grid, perturbed_adapter, tiny, vllm_grid
+from vllm_helpers import (
+    LAMS, NEW, PROMPTS, Subprocess, adapted, hf_grid, perturbed_adapter, qwen3_replica, tiny, vllm_command, vllm_grid,
+)
 
 from aligndial.cli import main
 from aligndial.dualpath import DualPathModel
+from aligndial.loading import load_tokenizer
 from aligndial.pair import RealignedPair
 from aligndial.vllm.export import export_dual_path
 
@@ -101,3 +109,64 @@ def test_tensor_parallel_size_is_checked_before_anything_loads(tok, capsys, tmp_
         assert main([*verb, *flags[:4], "--engine", "vllm", "--think-lam", "0"]) == 2
         assert "`--think-lam` (λ changing inside a response) is not supported with `--engine vllm`" in \
             capsys.readouterr().err
+
+
+def served_grid(server, model: str, lam_body, prompts=PROMPTS, lams=LAMS) -> list[list[int]]:
+    """Greedy token ids for every (λ, prompt), λ-major, all requests in flight at once (so the
+    server batches rows with different λ); `lam_body(λ)` is the request's extra body."""
+    client = server.client()
+
+    def ids(request):
+        prompt, lam = request
+        r = client.completions.create(model=model, prompt=prompt, max_tokens=NEW, temperature=0,
+                                      extra_body={**lam_body(lam), "return_token_ids": True})
+        return r.choices[0].model_extra["token_ids"]
+
+    requests = [(p, lam) for lam in lams for p in prompts]
+    with ThreadPoolExecutor(len(requests)) as pool:
+        return list(pool.map(ids, requests))
+
+
+def test_vllm_serve_tp2_runs_a_qwen3_dual_path_export(tmp_path):
+    """vLLM's own server, `--tensor-parallel-size 2`, on the export of a Qwen3 replica (real tokenizer,
+    tied 151,936-row head) with a layer adapter; prompts as token ids, as the HF oracle tokenized them."""
+    from aligndial.vllm.run import cpu_tensor_parallel, restored_env
+
+    ref = qwen3_replica(tmp_path, 0, "qwen3-base")
+    tok = load_tokenizer(ref)
+    adapter = perturbed_adapter(ref, tmp_path)
+    export = export_dual_path(adapted(ref, adapter), tok, tmp_path / "dual-vllm")
+    with restored_env("VLLM_CPU_OMP_THREADS_BIND"):  # vLLM's own server: the binding is the user's to set
+        cpu_tensor_parallel(2)
+        bind = os.environ["VLLM_CPU_OMP_THREADS_BIND"]
+    server = Subprocess([*vllm_command(), "serve", str(export), "--served-model-name", "tiny", "--dtype", "float32",
+                         "--max-model-len", "128", "--max-num-seqs", "16", "--tensor-parallel-size", "2",
+                         "--enforce-eager"], tmp_path / "vllm-serve.log", env={"VLLM_CPU_OMP_THREADS_BIND": bind})
+    try:
+        prompts = [tok(p)["input_ids"] for p in PROMPTS]
+        got = served_grid(server, "tiny", lambda lam: {"vllm_xargs": {"alignment_strength": lam}}, prompts)
+    finally:
+        server.stop()
+    log = (tmp_path / "vllm-serve.log").read_text()
+    hf = hf_grid(DualPathModel.from_adapter(AutoModelForCausalLM.from_pretrained(ref), adapter), tok)
+    assert got == hf
+    assert len({tuple(x) for x in hf}) >= 2 * len(PROMPTS)  # λ changes the tokens: the comparison is not vacuous
+    assert "tensor_parallel_size=2" in log and "Worker_TP1" in log, log[-3000:]  # two ranks served it
+
+
+def test_aligndial_serve_engine_vllm_tp2_runs_a_qwen3_base_instruct_pair(tmp_path):
+    ref = qwen3_replica(tmp_path, 0, "qwen3-base")
+    aligned = qwen3_replica(tmp_path, 1, "qwen3-instruct", "instruct")
+    server = Subprocess([sys.executable, "-m", "aligndial.cli", "serve", "--engine", "vllm", "--ref", ref,
+                         "--aligned", aligned, "--tensor-parallel-size", "2", "--enforce-eager"],
+                        tmp_path / "aligndial-serve.log")
+    try:
+        model = server.client().models.list().data[0].id
+        got = served_grid(server, model, lambda lam: {"alignment_strength": lam})
+    finally:
+        server.stop()
+    log = (tmp_path / "aligndial-serve.log").read_text()
+    hf = hf_grid(RealignedPair.from_pretrained(ref, aligned), load_tokenizer(ref))
+    assert got == hf
+    assert len({tuple(x) for x in hf}) >= 2 * len(PROMPTS)
+    assert "tensor_parallel_size=2" in log and "Worker_TP1" in log, log[-3000:]  # two ranks served it
