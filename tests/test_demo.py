@@ -1,5 +1,6 @@
 """The embedded demo: the task's scoring, the bundled models against their manifest, `aligndial demo`
-on them (the dial moves the numbers the right way), and a smoke build of every stage."""
+on them (the dial moves the numbers the right way), weak-to-strong steering of the bundled larger
+reference by the small pair, and a smoke build of every stage (and of one stage into a bundle)."""
 
 import json
 import os
@@ -89,6 +90,14 @@ def test_demo_on_the_bundled_models_turns_the_dial(tmp_path, capsys):
     dera2 = next(r for r in result["sweep"] if r["method"] == "DeRa" and r["lam"] == trra["distilled_at"])
     assert abs(trra["careful"] - dera2["careful"]) < 0.15  # one model does what DeRa at λ=2 does
     assert {e["lam"] for e in result["examples"]} == {-1.0, 0.0, 1.0, 2.0}
+    # Weak-to-strong: the small pair's difference moves the larger reference the same way it moves ref.
+    steer = {r["lam"]: r for r in result["steering"]["rows"]}
+    assert sorted(steer) == [0.0, 0.5, 1.0, 2.0]
+    p = [steer[x]["p_careful"] for x in sorted(steer)]
+    assert all(a < b for a, b in zip(p, p[1:])), p
+    assert steer[0.0]["careful"] < steer[1.0]["careful"] <= steer[2.0]["careful"]
+    assert steer[0.0]["tokens"] < steer[2.0]["tokens"] and steer[0.0]["accuracy"] < steer[1.0]["accuracy"]
+    assert steer[0.0]["kl"] == 0.0 and steer[2.0]["kl"] > steer[1.0]["kl"] > steer[0.5]["kl"] > 0
 
 
 @pytest.mark.slow
@@ -120,13 +129,15 @@ def test_small_build_trains_every_stage_loadably_and_deterministically(tmp_path)
 def test_demo_shows_a_progress_bar_per_stage(capsys):
     """`aligndial demo` takes tens of seconds: every stage reports progress on stderr (stdout stays
     the report or the JSON)."""
-    from aligndial.demo.show import LAMS, run
+    from aligndial.demo.show import LAMS, STEER_LAMS, run
 
     result = run(BUNDLE, plot=None, n_problems=6)
     out, err = capsys.readouterr()
     assert out == "" and result["problems"] == 6
     for desc, total in (("loading the bundled models", 1), ("DeRa: 6 problems at each λ", len(LAMS)),
-                        ("InRa: 6 problems at each λ", len(LAMS)), ("TrRa student", 1), ("greedy replies side by side", 8)):
+                        ("InRa: 6 problems at each λ", len(LAMS)), ("TrRa student", 1),
+                        ("Steering: large ref + λ·(aligned − ref), 6 problems at each λ", len(STEER_LAMS)),
+                        ("greedy replies side by side", 8)):
         assert f"[demo] {desc}: 100%" in err and f"{total}/{total}" in err, (desc, err)
 
 
@@ -149,3 +160,131 @@ def test_demo_build_says_when_a_mismatch_comes_from_library_versions():
     assert "library versions match" in compare_manifests(bundled, rebuilt)
     rebuilt["seed"] = 1
     assert "built with other settings" in compare_manifests(bundled, rebuilt)
+
+
+# --- weak-to-strong steering: the bundled larger reference steered by the small pair --------------------
+
+
+def _plain(path):
+    return AutoModelForCausalLM.from_pretrained(path).eval()
+
+
+def _chat_ids(tokenizer, problems):
+    from aligndial.demo.measure import render
+
+    texts = [render(tokenizer, [{"role": "user", "content": p.prompt}]) for p in problems]
+    return [tokenizer(t, add_special_tokens=False, return_tensors="pt")["input_ids"] for t in texts]
+
+
+def test_steering_at_lam_0_is_the_large_model_alone():
+    """The demo's steering pair (large, [aligned, ref]) at weights (0, 0) generates the large model's
+    own greedy tokens; at (1, −1) it does not (the small pair moves it)."""
+    from aligndial.demo.show import load_bundle, steering_weights
+
+    pair = load_bundle(BUNDLE)["Steering"]
+    large = _plain(BUNDLE / "large")
+    moved = 0
+    for ids in _chat_ids(pair.tokenizer, task.problems(6, 0, "eval")):
+        alone = large.generate(ids, max_new_tokens=24, do_sample=False, pad_token_id=pair.tokenizer.pad_token_id)
+        steered0 = pair.generate(ids, lam=steering_weights(0.0), max_new_tokens=24, do_sample=False)
+        steered1 = pair.generate(ids, lam=steering_weights(1.0), max_new_tokens=24, do_sample=False)
+        assert torch.equal(steered0, alone)
+        moved += not torch.equal(steered1[:, : alone.shape[1]], alone)
+    assert moved > 0, "λ=1 left every reply as the large model's"
+
+
+def test_steering_rows_come_from_the_large_model_and_the_small_pair():
+    """Each steering row's p(careful) is the mean probability of "Step" as the first reply token under
+    h_large + λ·(h_aligned − h_ref), recomputed here in float64 from the three plain models; λ=0 is the
+    large model's own (not the small reference's), and only λ=0 has zero KL to it."""
+    from aligndial.demo.show import STEER_LAMS, load_bundle, sizes, steering_rows
+
+    n = 6
+    models = load_bundle(BUNDLE)
+    rows = {r["lam"]: r for r in steering_rows(models["Steering"], models["tokenizer"], task.problems(n, 0, "eval"))}
+    assert sorted(rows) == STEER_LAMS
+    large, aligned, ref = (_plain(BUNDLE / name) for name in ("large", "aligned", "ref"))
+    tokenizer = models["tokenizer"]
+    step_id = tokenizer(task.careful_reply(1, (1,)), add_special_tokens=False)["input_ids"][0]
+    first = []
+    with torch.no_grad():
+        for ids in _chat_ids(tokenizer, task.problems(n, 0, "eval")):
+            first.append([m(ids).logits[0, -1].double() for m in (large, aligned, ref)])
+    for lam, row in rows.items():
+        assert row["weights"] == [lam, -lam] if lam else row["weights"] == [0.0, 0.0]
+        p = sum(torch.softmax(h + lam * (a - r), -1)[step_id].item() for h, a, r in first) / n
+        assert abs(row["p_careful"] - p) < 1e-5, (lam, row["p_careful"], p)
+        assert (row["kl"] == 0.0) == (lam == 0.0), (lam, row["kl"])
+        assert {"accuracy", "careful", "tokens"} <= set(row) and row["tokens"] > 0
+    small_ref = sum(torch.softmax(r, -1)[step_id].item() for _, _, r in first) / n
+    assert abs(rows[0.0]["p_careful"] - small_ref) > 1e-3  # the large model's, not the small reference's
+    assert sizes(models["manifest"]) == {"large": "hidden 192, 6 layers", "small": "hidden 128, 4 layers"}
+
+
+@pytest.mark.slow
+def test_large_stage_builds_into_an_existing_bundle(tmp_path, capsys):
+    """`aligndial demo build --stage large --out DIR` adds the larger reference to a bundle built
+    without it (as the bundled one was): the same bytes a full build of that seed writes, every
+    other file untouched, the manifest covering the new files, and a pair that passes the
+    tokenizer check. SMALL config, so it is quick."""
+    from aligndial.demo.build import SMALL, build
+    from aligndial.pair import RealignedPair
+    from aligndial.tiny import build_model
+
+    full, added = tmp_path / "full", tmp_path / "added"
+    build(full, seed=3, small=True, log=lambda line: None)
+    shutil.copytree(full, added)
+    shutil.rmtree(added / "large")
+    manifest = json.loads((added / "manifest.json").read_text())
+    manifest["files"] = {k: v for k, v in manifest["files"].items() if not k.startswith("large/")}
+    for key in ("stages", "seconds"):
+        del manifest[key]["large"]
+    for key in ("large_hidden", "large_layers", "large_heads"):
+        del manifest["config"][key]
+    (added / "manifest.json").write_text(json.dumps(manifest))  # a bundle from before the large stage
+    check_bundle(added)
+    before = {k: v for k, v in manifest["files"].items()}
+
+    assert main(["demo", "build", "--stage", "large", "--out", str(added)]) == 0
+    capsys.readouterr()
+    got, want = check_bundle(added), check_bundle(full)
+    assert got["files"] == want["files"], "the stage alone wrote other bytes than the full build"
+    assert {k: v for k, v in got["files"].items() if not k.startswith("large/")} == before
+    assert {"large/model.safetensors", "large/config.json", "large/tokenizer.json"} <= set(got["files"])
+    assert got["config"] == want["config"] and got["stages"]["large"] == want["stages"]["large"]
+    assert got["seconds"]["large"] > 0 and got["stage_builds"]["large"]["command"].startswith("aligndial demo build --stage large")
+
+    large = AutoModelForCausalLM.from_pretrained(added / "large")
+    assert (large.config.hidden_size, large.config.num_hidden_layers) == (SMALL.large_hidden, SMALL.large_layers)
+    # Full SFT from a random init: every parameter is trainable and every one moved.
+    from transformers import AutoTokenizer
+
+    init = build_model("llama", AutoTokenizer.from_pretrained(added / "ref"), seed=3, hidden=SMALL.large_hidden,
+                       layers=SMALL.large_layers, heads=SMALL.large_heads, initializer_range=0.02)
+    unchanged = [n for n, p in large.named_parameters() if torch.equal(p, init.get_parameter(n))]
+    assert not unchanged, unchanged
+    assert json.loads((added / "large" / "training_summary.json").read_text())["trainable_fraction"] == 1.0
+    pair = RealignedPair.from_pretrained(str(added / "large"), [str(added / "aligned"), str(added / "ref")])
+    assert pair.n_aligned == 2
+
+    # The manifest now guards the new files like the old ones.
+    weights = added / "large" / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 1
+    weights.write_bytes(bytes(data))
+    with pytest.raises(ValueError, match=r"large/model.safetensors: sha256 differs"):
+        check_bundle(added)
+    (added / "large" / "config.json").unlink()
+    with pytest.raises(ValueError, match=r"large/config.json: missing"):
+        check_bundle(added)
+
+
+def test_stage_flag_is_checked_before_any_training(tmp_path, capsys):
+    assert main(["demo", "build", "--stage", "huge", "--out", str(BUNDLE)]) == 2
+    assert "--stage 'huge' is not a demo stage; choose one of ref, aligned, adapter, trra, large" in capsys.readouterr().err
+    assert main(["demo", "build", "--stage", "large", "--small"]) == 2
+    assert "drop `--seed`/`--small`" in capsys.readouterr().err
+    assert main(["demo", "build", "--stage", "large", "--out", str(tmp_path / "none")]) == 2
+    assert "manifest.json is missing" in capsys.readouterr().err
+    assert main(["demo", "--stage", "large"]) == 2
+    assert "apply to `aligndial demo build`" in capsys.readouterr().err

@@ -272,7 +272,7 @@ def cmd_lm_eval(args, rest: list[str]) -> int:
 def cmd_demo(args) -> int:
     """`aligndial demo` runs the demo on the bundled models; `aligndial demo build` trains them."""
     if args.action == "tour":
-        if args.models or args.plot is not None or args.small or args.seed != 0:
+        if args.models or args.plot is not None or args.small or args.seed != 0 or args.stage:
             raise ValueError("`aligndial demo tour` takes only `--out DIR` (default: the current directory)")
         from aligndial.demo.tour import write_tour
 
@@ -283,12 +283,18 @@ def cmd_demo(args) -> int:
     if args.action == "build":
         if args.models or args.json or args.plot is not None:
             raise ValueError("`--models`, `--json` and `--plot` apply to `aligndial demo`, not to `aligndial demo build`")
-        from aligndial.demo.build import BUNDLE, build
+        from aligndial.demo.build import BUNDLE, build, build_stage
 
+        if args.stage:
+            if args.small or args.seed != 0:
+                raise ValueError("`--stage` adds a stage to an existing bundle with that bundle's own seed and settings; "
+                                 "drop `--seed`/`--small` (and pass `--out DIR` for a bundle elsewhere)")
+            build_stage(args.out or BUNDLE, args.stage)
+            return 0
         build(args.out or BUNDLE, seed=args.seed, small=args.small)
         return 0
-    if args.out or args.small or args.seed != 0:
-        raise ValueError("`--out`, `--seed` and `--small` apply to `aligndial demo build`; to run a bundle built "
+    if args.out or args.small or args.seed != 0 or args.stage:
+        raise ValueError("`--out`, `--seed`, `--small` and `--stage` apply to `aligndial demo build`; to run a bundle built "
                          "elsewhere, pass `aligndial demo --models DIR`")
     from aligndial.demo.show import main as demo_main
 
@@ -467,7 +473,7 @@ def make_parser() -> argparse.ArgumentParser:
 
     d = sub.add_parser("demo", help="the embedded demo: alignment strength as a dial on tiny models",
                        description="`aligndial demo` sweeps λ on the bundled models (under a minute); "
-                                   "`aligndial demo build` trains them from scratch (about 8 minutes on 2 cores).")
+                                   "`aligndial demo build` trains them from scratch (about 16 minutes on 2 cores).")
     d.add_argument("action", nargs="?", choices=["build", "tour"],
                    help="build: train the demo models from scratch; tour: write the README tour's models and files")
     d.add_argument("--models", help="a bundle directory written by `demo build --out` (default: the bundled one)")
@@ -477,6 +483,8 @@ def make_parser() -> argparse.ArgumentParser:
                    "tour: where to write the tour's files (default: the current directory)")
     d.add_argument("--seed", type=int, default=0, help="build: seeds data, initialisation and training")
     d.add_argument("--small", action="store_true", help="build: a much smaller, faster configuration (smoke test)")
+    d.add_argument("--stage", help="build: train only this stage (e.g. large) into the existing bundle, with its seed "
+                   "and settings; the other files stay as they are")
     d.set_defaults(func=cmd_demo)
     return parser
 

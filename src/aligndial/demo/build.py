@@ -3,6 +3,7 @@
     aligndial demo build                          # the bundled models, into src/aligndial/demo/models
     aligndial demo build --seed 1 --out /tmp/m    # another seed, elsewhere (`aligndial demo --models /tmp/m`)
     aligndial demo build --small --out /tmp/s     # a much smaller run: the smoke test of every stage
+    aligndial demo build --stage large            # add (or rebuild) one stage in an existing bundle
 
 Stages, each a recipe of `aligndial.train` on data from `aligndial.demo.task`:
 
@@ -17,6 +18,14 @@ Stages, each a recipe of `aligndial.train` on data from `aligndial.demo.task`:
               adapter mode; FR §4.2 trains InRa adapters by SFT). Adapter-only DPO damaged the
               arithmetic at this scale (docs/reproduction.md, section b).
 4. `trra`:    a full student distilled from the pair (ref, aligned) at λ=`trra_lam` (`train_distill`).
+5. `large`:   a larger reference (`large_hidden`, `large_layers`) over `ref`'s tokenizer, trained by
+              `ref`'s recipe (at its own `large_lr`) on the same data: the model the small pair steers in the demo's
+              weak-to-strong row (proxy-tuning / EFT: h_large + λ·(h_aligned − h_ref)). Steering
+              needs one tokenizer for all three models, so it reuses `ref`'s instead of training one.
+
+`--stage NAME` trains one stage into an existing bundle, with the bundle's own seed and settings,
+from the stages it depends on there, and updates the manifest; the other files stay as they are.
+A full build of the same seed writes the same files as building the stages one by one.
 
 Everything is seeded (data, initialisation, trainer) and runs on one thread, so the same seed
 gives byte-identical files on any machine of the same kind.
@@ -46,7 +55,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 BUNDLE = Path(__file__).parent / "models"
-STAGES = ("ref", "aligned", "adapter", "trra")
+STAGES = ("ref", "aligned", "adapter", "trra", "large")
+# What each stage trains from (besides the data): `--stage` needs these in the bundle.
+NEEDS = {"ref": (), "aligned": ("ref",), "adapter": ("ref",), "trra": ("ref", "aligned"), "large": ("ref",)}
+DESCRIPTIONS = {
+    "ref": "tiny Llama trained from scratch by full SFT on replies in both styles (train_sft, full=True)",
+    "aligned": "full DPO from ref, beta={dpo_beta}, loss sigmoid + NLL on the chosen reply (train_dpo, full=True)",
+    "adapter": "one-layer adapter on ref, adapter-only SFT on the chosen replies (train_sft, adapter mode)",
+    "trra": "full student distilled from (ref, aligned) at lam={trra_lam} (train_distill, student='full')",
+    "large": ("larger Llama (hidden {large_hidden}, {large_layers} layers) over ref's tokenizer, trained from "
+              "scratch by ref's recipe at lr {large_lr} on the same data (train_sft, full=True): the model the "
+              "(aligned, ref) pair steers"),
+}
 FORMAT = "aligndial-demo-bundle"
 # What loading needs; checkpoints, optimizer states and the trainer's pickled args stay behind.
 KEEP = {
@@ -78,10 +98,16 @@ class BuildConfig:
     trra_lam: float = field(default=2.0, metadata={"help": "λ of the TrRa teacher π_λ."})
     trra_lr: float = field(default=3e-4, metadata={"help": "TrRa learning rate."})
     batch_size: int = field(default=32, metadata={"help": "Per-step batch of DPO, adapter SFT and TrRa (SFT uses twice this)."})
+    large_hidden: int = field(default=192, metadata={"help": "Hidden size of the larger reference the small pair steers."})
+    large_layers: int = field(default=6, metadata={"help": "Decoder layers of the larger reference."})
+    large_heads: int = field(default=4, metadata={"help": "Attention heads of the larger reference."})
+    large_lr: float = field(default=1.5e-3, metadata={"help": "SFT learning rate of the larger reference (at ref's 3e-3 "
+                                                             "its loss stalled above ref's: a larger model wants a smaller step)."})
 
 
 FULL = BuildConfig()
-SMALL = BuildConfig(vocab_size=300, hidden=32, layers=2, heads=2, sft_rows=256, pref_rows=64, distill_rows=64, align_epochs=1.0)
+SMALL = BuildConfig(vocab_size=300, hidden=32, layers=2, heads=2, sft_rows=256, pref_rows=64, distill_rows=64, align_epochs=1.0,
+                    large_hidden=48, large_layers=3, large_heads=2)
 
 
 def write_jsonl(rows: list[dict], path: Path) -> str:
@@ -121,6 +147,24 @@ def train_ref(work: Path, data: dict, cfg: BuildConfig, seed: int) -> str:
                         initializer_range=0.02)  # the usual init for training (tiny's 0.2 is for tests)
     init = save(model, tok, work / "init")
     args = trainer_args(work / "ref", seed, full=True, learning_rate=cfg.sft_lr, num_train_epochs=1,
+                        per_device_train_batch_size=2 * cfg.batch_size)
+    return train_sft(str(init), data["sft"], AdapterSFTConfig(**args))
+
+
+def train_large(ref: str, work: Path, data: dict, cfg: BuildConfig, seed: int) -> str:
+    """A larger random Llama over `ref`'s tokenizer, then `ref`'s SFT recipe on the same data.
+    Weak-to-strong steering mixes its logits with the small pair's token by token, so the three
+    models must share one tokenizer: it is loaded from `ref`, not trained again."""
+    from transformers import AutoTokenizer
+
+    from aligndial.tiny import build_model, save
+    from aligndial.train.sft import AdapterSFTConfig, train_sft
+
+    tok = AutoTokenizer.from_pretrained(ref)
+    model = build_model("llama", tok, seed=seed, hidden=cfg.large_hidden, layers=cfg.large_layers, heads=cfg.large_heads,
+                        initializer_range=0.02)  # as `train_ref`
+    init = save(model, tok, work / "large-init")
+    args = trainer_args(work / "large", seed, full=True, learning_rate=cfg.large_lr, num_train_epochs=1,
                         per_device_train_batch_size=2 * cfg.batch_size)
     return train_sft(str(init), data["sft"], AdapterSFTConfig(**args))
 
@@ -179,7 +223,7 @@ def check_bundle(root: Path) -> dict:
     if not manifest_path.is_file():
         raise FileNotFoundError(
             f"no demo models in {root} (manifest.json is missing). Build them with `aligndial demo build"
-            f"{'' if root == BUNDLE else f' --out {root}'}` (about 8 minutes on 2 cores), then run `aligndial demo` again."
+            f"{'' if root == BUNDLE else f' --out {root}'}` (about 16 minutes on 2 cores), then run `aligndial demo` again."
         )
     manifest = json.loads(manifest_path.read_text())
     found = file_table(root)
@@ -259,6 +303,42 @@ def quiet_single_thread():
         hf_logging.enable_progress_bar()
 
 
+def describe(stage: str, cfg: BuildConfig) -> str:
+    return DESCRIPTIONS[stage].format(**dataclasses.asdict(cfg))
+
+
+def train_stage(stage: str, dirs: dict[str, str], work: Path, data: dict, cfg: BuildConfig, seed: int, log) -> tuple[str, float]:
+    """Train one stage from the stages in `dirs` it needs (`NEEDS`); (its output directory, seconds)."""
+    log(f"[demo build] {stage} ...")
+    t = time.perf_counter()
+    if stage == "ref":
+        done = train_ref(work, data, cfg, seed)
+    elif stage == "aligned":
+        done = train_aligned(dirs["ref"], data["prefs"], work / stage, cfg, seed)
+    elif stage == "adapter":
+        done = train_adapter(dirs["ref"], data["chosen"], work / stage, cfg, seed)
+    elif stage == "trra":
+        done = train_trra(dirs["ref"], dirs["aligned"], data["distill"], work / stage, cfg, seed)
+    else:
+        done = train_large(dirs["ref"], work, data, cfg, seed)
+    seconds = round(time.perf_counter() - t, 1)
+    log(f"[demo build] {stage} done in {seconds} s")
+    return done, seconds
+
+
+def keep_files(stage: str, src: Path, dest: Path) -> None:
+    """Copy what loading needs (`KEEP`) from a stage's training directory into the bundle's."""
+    dest.mkdir()
+    for p in src.iterdir():
+        if p.name in KEEP:
+            shutil.copy2(p, dest / p.name)
+    # Two files record where a model was during training (a temporary path); name its bundle directory instead.
+    if stage == "adapter":
+        set_fields(dest / "adapter_config.json", base_model="ref")
+    if stage == "trra":
+        set_fields(dest / "training_summary.json", teacher_aligned="aligned")
+
+
 def build(out: str | Path = BUNDLE, seed: int = 0, small: bool = False, log=print) -> dict:
     """Train every stage into a temporary directory, then move the results to `out` (replacing
     what was there) with their manifest. Returns the manifest."""
@@ -277,27 +357,10 @@ def _build(out: Path, seed: int, small: bool, log) -> dict:
         data = make_data(work, cfg, seed)
         dirs = {}
         for stage in STAGES:
-            log(f"[demo build] {stage} ...")
-            t = time.perf_counter()
-            if stage == "ref":
-                dirs[stage] = train_ref(work, data, cfg, seed)
-            elif stage == "aligned":
-                dirs[stage] = train_aligned(dirs["ref"], data["prefs"], work / stage, cfg, seed)
-            elif stage == "adapter":
-                dirs[stage] = train_adapter(dirs["ref"], data["chosen"], work / stage, cfg, seed)
-            else:
-                dirs[stage] = train_trra(dirs["ref"], dirs["aligned"], data["distill"], work / stage, cfg, seed)
-            seconds[stage] = round(time.perf_counter() - t, 1)
-            log(f"[demo build] {stage} done in {seconds[stage]} s")
+            dirs[stage], seconds[stage] = train_stage(stage, dirs, work, data, cfg, seed, log)
         staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
         for stage, src in dirs.items():
-            (staging / stage).mkdir()
-            for p in Path(src).iterdir():
-                if p.name in KEEP:
-                    shutil.copy2(p, staging / stage / p.name)
-        # Two files record where a model was during training (a temporary path); name its bundle directory instead.
-        set_fields(staging / "adapter" / "adapter_config.json", base_model="ref")
-        set_fields(staging / "trra" / "training_summary.json", teacher_aligned="aligned")
+            keep_files(stage, Path(src), staging / stage)
     seconds["total"] = round(time.perf_counter() - started, 1)
     seconds["cpu_total"] = round(_cpu_seconds() - cpu_started, 1)  # wall time depends on who else shares the cores
     manifest = {
@@ -306,12 +369,7 @@ def _build(out: Path, seed: int, small: bool, log) -> dict:
         "seed": seed,
         "small": small,
         "config": dataclasses.asdict(cfg),
-        "stages": {
-            "ref": "tiny Llama trained from scratch by full SFT on replies in both styles (train_sft, full=True)",
-            "aligned": f"full DPO from ref, beta={cfg.dpo_beta}, loss sigmoid + NLL on the chosen reply (train_dpo, full=True)",
-            "adapter": "one-layer adapter on ref, adapter-only SFT on the chosen replies (train_sft, adapter mode)",
-            "trra": f"full student distilled from (ref, aligned) at lam={cfg.trra_lam} (train_distill, student='full')",
-        },
+        "stages": {stage: describe(stage, cfg) for stage in STAGES},
         "versions": versions(),
         "machine": {"platform": platform.platform(), "torch_threads": torch.get_num_threads(), "cpus": os.cpu_count()},
         "seconds": seconds,
@@ -326,4 +384,74 @@ def _build(out: Path, seed: int, small: bool, log) -> dict:
     os.replace(staging, out)
     log(f"[demo build] wrote {out} in {seconds['total']} s "
         f"({sum(f['bytes'] for f in manifest['files'].values()) / 1e6:.1f} MB)")
+    return manifest
+
+
+def build_stage(out: str | Path = BUNDLE, stage: str = "large", log=print) -> dict:
+    """Train one stage into the existing bundle `out`, with the bundle's own seed and settings,
+    from the stages it needs there (`NEEDS`); every other file stays as it is. The manifest gains
+    (or renews) the stage's description, seconds and files, and records the command under
+    `stage_builds`. Returns the new manifest."""
+    if stage not in STAGES:
+        raise ValueError(f"--stage {stage!r} is not a demo stage; choose one of {', '.join(STAGES)}")
+    out = Path(out)
+    old = check_bundle(out)
+    cfg = SMALL if old["small"] else FULL
+    settings = dataclasses.asdict(cfg)
+    differ = [f"{k}={v!r} there, {settings[k]!r} here" for k, v in old["config"].items() if settings.get(k, v) != v]
+    if differ:
+        raise ValueError(f"the bundle in {out} was built with other settings ({'; '.join(differ)}), so a stage built "
+                         f"here would not match it; rebuild the whole bundle with `{old['command']}`")
+    missing = [need for need in NEEDS[stage] if not any(name.startswith(f"{need}/") for name in old["files"])]
+    if missing:
+        raise ValueError(f"--stage {stage} trains from {', '.join(NEEDS[stage])}, but the bundle in {out} has no "
+                         f"{', '.join(missing)}; build the whole bundle with `{old['command']}`")
+    with quiet_single_thread():
+        return _build_stage(out, stage, old, cfg, log)
+
+
+def _build_stage(out: Path, stage: str, old: dict, cfg: BuildConfig, log) -> dict:
+    import torch
+
+    started_cpu = _cpu_seconds()
+    with tempfile.TemporaryDirectory(prefix=f"aligndial-demo-stage-{stage}-") as tmp:
+        work = Path(tmp)
+        data = make_data(work, cfg, old["seed"])
+        src, seconds = train_stage(stage, {need: str(out / need) for need in NEEDS[stage]}, work, data, cfg, old["seed"], log)
+        staging = Path(tempfile.mkdtemp(prefix=f".{stage}.", dir=out.parent))
+        try:
+            keep_files(stage, Path(src), staging / stage)
+            (staging / stage).chmod(0o755)
+            if (out / stage).exists():
+                shutil.rmtree(out / stage)
+            os.replace(staging / stage, out / stage)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+    cpu = round(_cpu_seconds() - started_cpu, 1)
+    earlier = old.get("stage_builds", {}).get(stage, {})
+    manifest = json.loads(json.dumps(old))
+    manifest["config"] = dataclasses.asdict(cfg)
+    manifest["stages"][stage] = describe(stage, cfg)
+    previous = manifest["seconds"].get(stage)
+    manifest["seconds"][stage] = seconds
+    manifest["seconds"]["total"] = round(manifest["seconds"]["total"] - (previous or 0) + seconds, 1)
+    manifest["seconds"]["cpu_total"] = round(manifest["seconds"]["cpu_total"] - earlier.get("cpu_seconds", 0) + cpu, 1)
+    command = f"aligndial demo build --stage {stage}" + ("" if out.resolve() == BUNDLE.resolve() else f" --out {out}")
+    manifest.setdefault("stage_builds", {})[stage] = {
+        "command": command, "cpu_seconds": cpu, "versions": versions(),
+        "machine": {"platform": platform.platform(), "torch_threads": torch.get_num_threads(), "cpus": os.cpu_count()},
+    }
+    manifest["files"] = file_table(out)
+    changed = [k for k in old["files"] if manifest["files"].get(k) != old["files"][k] and not k.startswith(f"{stage}/")]
+    if changed:  # file_table reads the whole bundle: nothing outside the stage may have moved
+        raise RuntimeError(f"building {stage} changed other files of the bundle: {', '.join(changed)}")
+    tmp_manifest = out / ".manifest.json.tmp"
+    tmp_manifest.write_text(json.dumps(manifest, indent=2) + "\n")
+    os.replace(tmp_manifest, out / "manifest.json")
+    mine = {k: v for k, v in manifest["files"].items() if k.startswith(f"{stage}/")}
+    before = {k: v for k, v in old["files"].items() if k.startswith(f"{stage}/")}
+    if before:
+        log(f"[demo build] {stage}: {'every file matches' if before == mine else 'the files differ from'} the previous build's")
+    log(f"[demo build] added {stage} to {out} in {seconds} s "
+        f"({sum(f['bytes'] for k, f in manifest['files'].items() if k.startswith(f'{stage}/')) / 1e6:.1f} MB)")
     return manifest

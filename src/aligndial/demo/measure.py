@@ -4,6 +4,9 @@ Every policy is measured as a `MixedLM` at some λ: the DeRa pair, the dual-path
 or any plain model `m` wrapped as `RealignedPair(ref, [m])` at λ=1 (the fast path gives exactly
 m's logits). λ=0 of the same object is the reference, so the KL needs no second code path, and
 the mixing itself is always the models' own forward (`aligndial.mixing`), never redone here.
+λ may also be a list, one weight per aligned model (K > 1); its reference is then all zeros:
+weak-to-strong steering is the pair (large, [aligned, ref]) at (λ, −λ), and its KL is to the
+large model alone.
 
 Per λ, on the same prompts and the same sampling seed (common random numbers across λ):
 
@@ -29,8 +32,13 @@ def render(tokenizer, messages: list[dict]) -> str:
     return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
 
 
+def reference_lam(lam):
+    """The λ of the same mixed model that is its reference alone: 0, or K zeros for a list."""
+    return [0.0] * len(lam) if isinstance(lam, (list, tuple)) else 0.0
+
+
 @torch.no_grad()
-def score_replies(model, tokenizer, prompts: list[str], replies: list[list[int]], lam: float) -> tuple[list[float], list[float]]:
+def score_replies(model, tokenizer, prompts: list[str], replies: list[list[int]], lam: float | list[float]) -> tuple[list[float], list[float]]:
     """(Σ_t KL(π_λ ‖ π_ref) over each reply, π_λ(first token = "Step")) per row.
 
     Sequences are right-padded, so positions are 0..T−1 for every real token without position ids."""
@@ -43,7 +51,8 @@ def score_replies(model, tokenizer, prompts: list[str], replies: list[list[int]]
     for i, s in enumerate(seqs):
         ids[i, : len(s)], mask[i, : len(s)] = torch.tensor(s), 1
     logps = torch.log_softmax(model(ids, attention_mask=mask, lam=lam).logits.float(), -1)  # (B, T, V)
-    ref_logps = logps if lam == 0 else torch.log_softmax(model(ids, attention_mask=mask, lam=0.0).logits.float(), -1)
+    ref_lam = reference_lam(lam)
+    ref_logps = logps if lam == ref_lam else torch.log_softmax(model(ids, attention_mask=mask, lam=ref_lam).logits.float(), -1)
     kl_tok = (logps.exp() * (logps - ref_logps)).sum(-1)  # (B, T): KL of the next-token distributions
     kls, firsts = [], []
     for i, (p, r) in enumerate(zip(prompt_ids, replies)):
@@ -53,14 +62,14 @@ def score_replies(model, tokenizer, prompts: list[str], replies: list[list[int]]
     return kls, firsts
 
 
-def sample_replies(model, tokenizer, texts: list[str], lam: float, seed: int, max_new_tokens: int = 64, greedy: bool = False):
+def sample_replies(model, tokenizer, texts: list[str], lam: float | list[float], seed: int, max_new_tokens: int = 64, greedy: bool = False):
     """One reply per rendered prompt from π_λ (temperature 1, no top-k/top-p: the policy itself)."""
     how = dict(do_sample=False) if greedy else dict(do_sample=True, temperature=1.0, top_k=0, top_p=1.0)
     return generate_rows(model, tokenizer, texts, lam=lam, seed=seed, add_special_tokens=False,
                          max_new_tokens=max_new_tokens, **how)
 
 
-def measure(model, tokenizer, problems: list[Problem], lam: float, seed: int = 0, greedy: bool = False) -> dict:
+def measure(model, tokenizer, problems: list[Problem], lam: float | list[float], seed: int = 0, greedy: bool = False) -> dict:
     """The metrics of `METRICS` at one λ, plus the replies themselves."""
     texts = [render(tokenizer, [{"role": "user", "content": p.prompt}]) for p in problems]
     rows = sample_replies(model, tokenizer, texts, lam, seed, greedy=greedy)

@@ -11,7 +11,10 @@ per held-out problem from π_λ and reports what a program can check:
 
 - DeRa: the pair (ref, aligned), logits mixed per token (DeRa Eq. 9);
 - InRa: ref with its layer adapter, both paths in one batched forward (CLM / FR §3.2);
-- TrRa: a single student distilled from DeRa at a fixed λ, run alone (FR §3.1).
+- TrRa: a single student distilled from DeRa at a fixed λ, run alone (FR §3.1);
+- Steering (weak-to-strong, proxy-tuning / EFT): the bundle's larger reference steered by the
+  small pair, logits = h_large + λ·(h_aligned − h_ref), i.e. the pair (large, [aligned, ref]) at
+  weights (λ, −λ). λ=0 is the large model alone, and its KL is to the large model.
 
 λ=0 is the reference, λ=1 the aligned model, λ=2 extrapolates past it and λ<0 goes the other way.
 """
@@ -28,12 +31,19 @@ from aligndial.demo.measure import measure
 
 LAMS = [-1.0, 0.0, 0.5, 1.0, 1.5, 2.0]
 EXAMPLE_LAMS = [-1.0, 0.0, 1.0, 2.0]
+STEER_LAMS = [0.0, 0.5, 1.0, 2.0]
 N_PROBLEMS = 96  # held-out problems, 32 each with 1, 2 and 3 operations
 SEED = 0
 
 
+def steering_weights(lam: float) -> list[float]:
+    """The weights (λ, −λ) of the pair (large, [aligned, ref]): h_large + λ·(h_aligned − h_ref)."""
+    return [float(lam), -float(lam)] if lam else [0.0, 0.0]
+
+
 def load_bundle(root: Path) -> dict:
-    """The bundled models as λ-mixed models: {"manifest", "tokenizer", "DeRa", "InRa", "TrRa"}."""
+    """The bundled models as λ-mixed models: {"manifest", "tokenizer", "DeRa", "InRa", "TrRa"},
+    and "Steering" when the bundle has the `large` stage (bundles built before it do not)."""
     from aligndial.dualpath import DualPathModel
     from aligndial.loading import load_causal_lm
     from aligndial.pair import RealignedPair
@@ -43,7 +53,11 @@ def load_bundle(root: Path) -> dict:
     inra = DualPathModel.from_adapter(load_causal_lm(str(root / "ref")), str(root / "adapter"))
     # The student alone is the pair (ref, student) at λ=1; λ=0 of the same pair gives its KL to ref.
     trra = RealignedPair(dera.ref, [load_causal_lm(str(root / "trra"))], tokenizer=dera.tokenizer).eval()
-    return {"manifest": manifest, "tokenizer": dera.tokenizer, "DeRa": dera, "InRa": inra, "TrRa": trra}
+    models = {"manifest": manifest, "tokenizer": dera.tokenizer, "DeRa": dera, "InRa": inra, "TrRa": trra}
+    if "large/config.json" in manifest["files"]:
+        # from_pretrained checks that the three models share one tokenizer, as steering needs.
+        models["Steering"] = RealignedPair.from_pretrained(str(root / "large"), [str(root / "aligned"), str(root / "ref")])
+    return models
 
 
 def stage(desc: str, total: int):
@@ -54,8 +68,8 @@ def stage(desc: str, total: int):
 
 
 def run(root: Path = BUNDLE, plot: str | None = "aligndial-demo.png", n_problems: int = N_PROBLEMS) -> dict:
-    """Sweep λ for DeRa and InRa, measure the TrRa student, greedy replies side by side, the plot.
-    Each stage shows a progress bar on stderr."""
+    """Sweep λ for DeRa and InRa, measure the TrRa student, steer the large reference, greedy
+    replies side by side, the plot. Each stage shows a progress bar on stderr."""
     with stage("loading the bundled models", 1) as bar:
         models = load_bundle(Path(root))
         bar.update()
@@ -63,7 +77,7 @@ def run(root: Path = BUNDLE, plot: str | None = "aligndial-demo.png", n_problems
     problems = task.problems(n_problems, SEED, "eval")
     trra_lam = models["manifest"]["config"]["trra_lam"]
     result = {"models": str(root), "build": models["manifest"]["command"], "problems": len(problems), "seed": SEED,
-              "sweep": [], "trra": None, "examples": []}
+              "sweep": [], "trra": None, "steering": None, "examples": []}
     for method in ("DeRa", "InRa"):
         with stage(f"{method}: {len(problems)} problems at each λ", len(LAMS)) as bar:
             for lam in LAMS:
@@ -74,6 +88,10 @@ def run(root: Path = BUNDLE, plot: str | None = "aligndial-demo.png", n_problems
         result["trra"] = {"distilled_at": trra_lam, **{k: v for k, v in measure(models["TrRa"], tok, problems, 1.0, SEED).items()
                                                         if k not in ("replies", "lam")}}
         bar.update()
+    if "Steering" in models:
+        result["steering"] = {**sizes(models["manifest"]), "rows": []}
+        with stage(f"Steering: large ref + λ·(aligned − ref), {len(problems)} problems at each λ", len(STEER_LAMS)) as bar:
+            result["steering"]["rows"] = steering_rows(models["Steering"], tok, problems, bar.update)
     shown = [next(p for p in problems if len(p.steps) == ops) for ops in (1, 2, 3)]
     with stage("greedy replies side by side", 2 * len(EXAMPLE_LAMS)) as bar:
         for method in ("DeRa", "InRa"):
@@ -88,6 +106,22 @@ def run(root: Path = BUNDLE, plot: str | None = "aligndial-demo.png", n_problems
     return result
 
 
+def steering_rows(pair, tokenizer, problems: list, step=lambda: None) -> list[dict]:
+    """The metrics of the pair (large, [aligned, ref]) at each λ of `STEER_LAMS`, weights (λ, −λ)."""
+    rows = []
+    for lam in STEER_LAMS:
+        row = measure(pair, tokenizer, problems, steering_weights(lam), SEED)
+        rows.append({"lam": lam, "weights": row.pop("lam"), **{k: v for k, v in row.items() if k != "replies"}})
+        step()
+    return rows
+
+
+def sizes(manifest: dict) -> dict:
+    cfg = manifest["config"]
+    return {"large": f"hidden {cfg['large_hidden']}, {cfg['large_layers']} layers",
+            "small": f"hidden {cfg['hidden']}, {cfg['layers']} layers"}
+
+
 def format_table(result: dict) -> str:
     head = f"{'method':<7}{'λ':>6}  {'accuracy':>8}  {'careful':>7}  {'p(careful)':>10}  {'tokens':>6}  {'KL to ref':>9}"
     lines = [head, "-" * len(head)]
@@ -100,6 +134,17 @@ def format_table(result: dict) -> str:
     lines += ["", f"TrRa student (distilled from DeRa at λ={t['distilled_at']:g}), run alone as one model:",
               f"{'TrRa':<7}{'—':>6}  {t['accuracy']:>8.2f}  {t['careful']:>7.2f}  {t['p_careful']:>10.2f}  "
               f"{t['tokens']:>6.1f}  {t['kl']:>9.2f}"]
+    steering = result.get("steering")
+    if steering:
+        lines += ["", f"Weak-to-strong steering: a larger reference ({steering['large']}) steered by the small pair "
+                  f"({steering['small']}),", "logits = h_large + λ·(h_aligned − h_ref); λ=0 is the large model alone, "
+                  "and KL is to it:"]
+        for r in steering["rows"]:
+            lines.append(f"{'Steer':<7}{r['lam']:>6.1f}  {r['accuracy']:>8.2f}  {r['careful']:>7.2f}  "
+                         f"{r['p_careful']:>10.2f}  {r['tokens']:>6.1f}  {r['kl']:>9.2f}")
+    else:
+        lines += ["", "No weak-to-strong steering row: this bundle has no `large` stage "
+                  f"(add it with `aligndial demo build --stage large --out {result['models']}`)."]
     return "\n".join(lines)
 
 
@@ -149,6 +194,10 @@ def write_plot(result: dict, path: str) -> str:
             ax.plot([r["lam"] for r in rows], [r[key] for r in rows], style, label=name)
         ax.plot([t["distilled_at"]], [t[key]], "*", markersize=13, color="tab:red",
                 label=f"TrRa student (λ={t['distilled_at']:g})")
+        if result.get("steering"):
+            rows = result["steering"]["rows"]
+            ax.plot([r["lam"] for r in rows], [r[key] for r in rows], "^-.", color="tab:green",
+                    label="large ref + λ·(aligned − ref); KL to large")
         for x, name in ((0, "ref"), (1, "aligned")):
             ax.axvline(x, color="grey", lw=0.8, ls=":")
             ax.annotate(name, (x, 1.0), xycoords=("data", "axes fraction"), xytext=(2, -10), textcoords="offset points",
