@@ -129,9 +129,11 @@ def test_small_build_trains_every_stage_loadably_and_deterministically(tmp_path)
 def test_demo_shows_a_progress_bar_per_stage(capsys):
     """`aligndial demo` takes tens of seconds: every stage reports progress on stderr (stdout stays
     the report or the JSON)."""
+    from aligndial.demo.build import quiet_single_thread
     from aligndial.demo.show import LAMS, STEER_LAMS, run
 
-    result = run(BUNDLE, plot=None, n_problems=6)
+    with quiet_single_thread():  # as `aligndial demo` runs: two threads on a busy 2-core machine crawl
+        result = run(BUNDLE, plot=None, n_problems=6)
     out, err = capsys.readouterr()
     assert out == "" and result["problems"] == 6
     for desc, total in (("loading the bundled models", 1), ("DeRa: 6 problems at each λ", len(LAMS)),

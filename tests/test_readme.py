@@ -96,6 +96,7 @@ class Runner:
 
     def __init__(self, cwd: Path):
         self.cwd, self.ran, self.failed, self.skipped, self.server = cwd, [], [], [], None
+        self.seconds = []  # (wall seconds, line) of each shell line: where the test's time goes
 
     def run_blocks(self, selected: list[dict]) -> None:
         try:
@@ -113,8 +114,10 @@ class Runner:
             self.stop_server()
 
     def shell(self, line: str, timeout: float = 1800) -> None:
+        start = time.monotonic()
         proc = subprocess.run(["bash", "-c", substitute(line)], cwd=self.cwd, env=env(), capture_output=True,
                               text=True, timeout=timeout)
+        self.seconds.append((time.monotonic() - start, line))
         self.ran.append(line)
         if proc.returncode != 0:
             self.failed.append((line, proc.returncode, (proc.stdout + proc.stderr)[-3000:]))
@@ -159,7 +162,8 @@ class Runner:
     def report(self) -> str:
         skipped = "\n".join(f"  skipped ({why}): {line}" for line, why in self.skipped)
         failed = "\n\n".join(f"FAILED (exit {code}): {line}\n{out}" for line, code, out in self.failed)
-        return f"ran {len(self.ran)}, skipped {len(self.skipped)}:\n{skipped}\n{failed}"
+        slowest = "\n".join(f"  {t:6.1f} s  {line[:100]}" for t, line in sorted(self.seconds, reverse=True)[:8])
+        return f"ran {len(self.ran)}, skipped {len(self.skipped)}:\n{skipped}\nslowest lines:\n{slowest}\n{failed}"
 
 
 @pytest.fixture(scope="module")

