@@ -46,13 +46,16 @@ def test_bundled_files_match_their_manifest():
     assert manifest["command"].startswith("aligndial demo build")
 
 
+def flip_last_byte(path):
+    data = bytearray(path.read_bytes())
+    data[-1] ^= 1
+    path.write_bytes(bytes(data))
+
+
 def test_a_changed_or_missing_bundle_is_refused(tmp_path, capsys):
     copy = tmp_path / "models"
     shutil.copytree(BUNDLE, copy)
-    weights = copy / "aligned" / "model.safetensors"
-    data = bytearray(weights.read_bytes())
-    data[-1] ^= 1
-    weights.write_bytes(bytes(data))
+    flip_last_byte(copy / "aligned" / "model.safetensors")
     with pytest.raises(ValueError, match=r"aligned/model.safetensors: sha256 differs.*aligndial demo build"):
         check_bundle(copy)
     assert main(["demo", "--models", str(tmp_path / "nothing-here")]) == 2
@@ -270,10 +273,7 @@ def test_large_stage_builds_into_an_existing_bundle(tmp_path, capsys):
     assert pair.n_aligned == 2
 
     # The manifest now guards the new files like the old ones.
-    weights = added / "large" / "model.safetensors"
-    data = bytearray(weights.read_bytes())
-    data[-1] ^= 1
-    weights.write_bytes(bytes(data))
+    flip_last_byte(added / "large" / "model.safetensors")
     with pytest.raises(ValueError, match=r"large/model.safetensors: sha256 differs"):
         check_bundle(added)
     (added / "large" / "config.json").unlink()
