@@ -294,8 +294,8 @@ def test_enforce_eager_starts_vllm_without_compiling(capsys, tmp_path):
             "--max-new-tokens", "8", "--json"]
     proc = subprocess.run([sys.executable, "-m", "aligndial.cli", *argv, "--engine", "vllm", "--enforce-eager"],
                           capture_output=True, text=True, timeout=900,
-                          # A fresh environment: variables earlier in-process vLLM runs leave behind
-                          # (seen in the full suite) silenced the engine's log this test reads.
+                          # A fresh environment: importing TRL earlier in this process (the training
+                          # tests) sets VLLM_LOGGING_LEVEL=ERROR, which silenced the log this test reads.
                           env={**{k: os.environ[k] for k in ("PATH", "HOME", "PYTHONPATH") if k in os.environ},
                                "HF_HUB_OFFLINE": "1", "VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_LOGGING_LEVEL": "INFO"})
     assert proc.returncode == 0, proc.stderr[-2000:]

@@ -133,6 +133,11 @@ def test_tensor_parallel_size_is_checked_before_anything_loads(tok, capsys, tmp_
             capsys.readouterr().err
 
 
+# vLLM's INFO log, which these tests read for the ranks: importing TRL (the training tests do, in this
+# process) sets VLLM_LOGGING_LEVEL=ERROR in os.environ, and subprocesses inherit it.
+INFO_LOG = {"VLLM_LOGGING_LEVEL": "INFO"}
+
+
 def served_grid(server, model: str, lam_body, prompts=PROMPTS, lams=LAMS) -> list[list[int]]:
     """Greedy token ids for every (λ, prompt), λ-major, all requests in flight at once (so the
     server batches rows with different λ); `lam_body(λ)` is the request's extra body."""
@@ -163,7 +168,7 @@ def test_vllm_serve_tp2_runs_a_qwen3_dual_path_export(tmp_path):
         bind = os.environ["VLLM_CPU_OMP_THREADS_BIND"]
     server = Subprocess([*vllm_command(), "serve", str(export), "--served-model-name", "tiny", "--dtype", "float32",
                          "--max-model-len", "128", "--max-num-seqs", "16", "--tensor-parallel-size", "2",
-                         "--enforce-eager"], tmp_path / "vllm-serve.log", env={"VLLM_CPU_OMP_THREADS_BIND": bind})
+                         "--enforce-eager"], tmp_path / "vllm-serve.log", env={"VLLM_CPU_OMP_THREADS_BIND": bind, **INFO_LOG})
     try:
         prompts = [tok(p)["input_ids"] for p in PROMPTS]
         got = served_grid(server, "tiny", lambda lam: {"vllm_xargs": {"alignment_strength": lam}}, prompts)
@@ -181,7 +186,7 @@ def test_aligndial_serve_engine_vllm_tp2_runs_a_qwen3_base_instruct_pair(tmp_pat
     aligned = qwen3_replica(tmp_path, 1, "qwen3-instruct", "instruct")
     server = Subprocess([sys.executable, "-m", "aligndial.cli", "serve", "--engine", "vllm", "--ref", ref,
                          "--aligned", aligned, "--tensor-parallel-size", "2", "--enforce-eager"],
-                        tmp_path / "aligndial-serve.log")
+                        tmp_path / "aligndial-serve.log", env=INFO_LOG)
     try:
         model = server.client().models.list().data[0].id
         got = served_grid(server, model, lambda lam: {"alignment_strength": lam})
