@@ -88,7 +88,7 @@ def hf_pair(dirs):
 def start_llm(path: str):
     from vllm import LLM
 
-    # Eager here (no compile at start-up); the servers and `generate --engine vllm` below run compiled.
+    # Eager here (no compile at start-up); `vllm serve` and `generate --engine vllm` below run compiled.
     return LLM(path, dtype="float32", max_model_len=128, max_num_seqs=8, seed=0, enforce_eager=True)
 
 
