@@ -116,9 +116,11 @@ _ROUTED_CLASS: list[type] = []
 def _routed_class() -> type:
     """PEFT's `lora.Linear` with each adapter's low-rank term added to its own rows only.
 
-    Per span it performs exactly PEFT's operations for vanilla LoRA (cast x to the adapter's
-    dtype, `result + lora_B(lora_A(dropout(x))) * scaling`, cast back), so a forward whose one
-    span covers every row is bit for bit PEFT's forward, and no span is the base layer alone.
+    A span covering every row runs exactly PEFT's operations for vanilla LoRA (cast x to the
+    adapter's dtype, `result + lora_B(lora_A(dropout(x))) * scaling`, cast back), so it is bit for
+    bit PEFT's forward, and no span is the base layer alone. A span of some rows (a mixed step)
+    adds the same term to those rows in place, in two kernels when the module is in eval and x,
+    the factors and the output share a dtype; PEFT's operations on the slice otherwise.
     A class (swapped in) rather than an instance `forward`, so copies of the model stay routed
     by their own `_Rows`."""
     if not _ROUTED_CLASS:
