@@ -138,17 +138,11 @@ def trainer_args(out: Path, seed: int, **kw) -> dict:
 def train_ref(work: Path, data: dict, cfg: BuildConfig, seed: int) -> str:
     """Tokenizer + random Llama, then full SFT: the reference model."""
     from aligndial.demo.task import corpus
-    from aligndial.tiny import build_model, build_tokenizer, save
-    from aligndial.train.sft import AdapterSFTConfig, train_sft
+    from aligndial.tiny import build_tokenizer
 
     rows = [json.loads(line) for line in open(data["sft"])]
     tok = build_tokenizer(corpus(rows), vocab_size=cfg.vocab_size)
-    model = build_model("llama", tok, seed=seed, hidden=cfg.hidden, layers=cfg.layers, heads=cfg.heads,
-                        initializer_range=0.02)  # the usual init for training (tiny's 0.2 is for tests)
-    init = save(model, tok, work / "init")
-    args = trainer_args(work / "ref", seed, full=True, learning_rate=cfg.sft_lr, num_train_epochs=1,
-                        per_device_train_batch_size=2 * cfg.batch_size)
-    return train_sft(str(init), data["sft"], AdapterSFTConfig(**args))
+    return sft_from_scratch(tok, work / "init", work / "ref", data, cfg, seed, cfg.hidden, cfg.layers, cfg.heads, cfg.sft_lr)
 
 
 def train_large(ref: str, work: Path, data: dict, cfg: BuildConfig, seed: int) -> str:
@@ -157,14 +151,20 @@ def train_large(ref: str, work: Path, data: dict, cfg: BuildConfig, seed: int) -
     models must share one tokenizer: it is loaded from `ref`, not trained again."""
     from transformers import AutoTokenizer
 
+    return sft_from_scratch(AutoTokenizer.from_pretrained(ref), work / "large-init", work / "large", data, cfg, seed,
+                            cfg.large_hidden, cfg.large_layers, cfg.large_heads, cfg.large_lr)
+
+
+def sft_from_scratch(tok, init_dir: Path, out: Path, data: dict, cfg: BuildConfig, seed: int, hidden: int, layers: int,
+                     heads: int, lr: float) -> str:
+    """The reference recipe: a random Llama of this size over `tok`, one epoch of full SFT."""
     from aligndial.tiny import build_model, save
     from aligndial.train.sft import AdapterSFTConfig, train_sft
 
-    tok = AutoTokenizer.from_pretrained(ref)
-    model = build_model("llama", tok, seed=seed, hidden=cfg.large_hidden, layers=cfg.large_layers, heads=cfg.large_heads,
-                        initializer_range=0.02)  # as `train_ref`
-    init = save(model, tok, work / "large-init")
-    args = trainer_args(work / "large", seed, full=True, learning_rate=cfg.large_lr, num_train_epochs=1,
+    model = build_model("llama", tok, seed=seed, hidden=hidden, layers=layers, heads=heads,
+                        initializer_range=0.02)  # the usual init for training (tiny's 0.2 is for tests)
+    init = save(model, tok, init_dir)
+    args = trainer_args(out, seed, full=True, learning_rate=lr, num_train_epochs=1,
                         per_device_train_batch_size=2 * cfg.batch_size)
     return train_sft(str(init), data["sft"], AdapterSFTConfig(**args))
 
