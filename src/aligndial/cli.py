@@ -241,7 +241,35 @@ def cmd_serve(args) -> int:
     check_models(args)
     settings = settings_from_args(args)  # every flag is checked before a model loads
     settings.model_name = served_model_name(args)
+    if settings.keys is not None:
+        settings.keys.set_served([settings.model_name])  # each key's `models` must be served ids
     return serve(args, settings)
+
+
+def cmd_keys(args) -> int:
+    """`aligndial keys add FILE --name N ...` (prints the new key once) and `aligndial keys list FILE`."""
+    from aligndial.mixing import check_lam
+    from aligndial.serve import _lam_range
+    from aligndial.serve.keys import add_key, read_policy
+
+    if args.keys_verb == "list":
+        rows = [k.public() for k in read_policy(args.file).keys]
+        _report(args, {"file": args.file, "keys": rows}, "\n".join(
+            f"{r['name']}: " + (", ".join(f"{k}={v}" for k, v in r.items() if k != "name" and v is not None)
+                                or "the server's defaults, no limits of its own") for r in rows) or f"{args.file}: no keys")
+        return 0
+    fields = {"lam_range": list(_lam_range(args.lam_range)) if args.lam_range else None,
+              "default_lam": None if args.default_lam is None else
+              [check_lam(x.strip(), "--default-lam") for x in args.default_lam.split(",")],
+              "requests_per_minute": args.requests_per_minute, "tokens_per_minute": args.tokens_per_minute,
+              "max_tokens": args.max_tokens,
+              "models": None if args.models is None else [m.strip() for m in args.models.split(",")]}
+    if fields["default_lam"] is not None and len(fields["default_lam"]) == 1:
+        fields["default_lam"] = fields["default_lam"][0]
+    key, policy = add_key(args.file, args.name, fields)
+    _report(args, {"file": args.file, "key": key, **policy.public()},
+            f"added key {args.name!r} to {args.file}; the key (shown only now, store it safely):\n{key}")
+    return 0
 
 
 def cmd_sweep(args) -> int:
@@ -427,6 +455,10 @@ def make_parser() -> argparse.ArgumentParser:
     s.add_argument("--default-lam", help="λ when a request gives none (default 1.0; a comma list with several --aligned)")
     s.add_argument("--lam-range", default="-5,10", help="allowed λ (each weight), as --lam-range=LO,HI (default -5,10)")
     s.add_argument("--api-key", help="require `Authorization: Bearer KEY` on /v1/* (ALIGNDIAL_API_KEY keeps it out of ps)")
+    s.add_argument("--keys", help="keys.toml: a λ range, default λ, rates and models per API key (`aligndial keys add`; "
+                   "excludes --api-key; reloaded on SIGHUP or change)")
+    s.add_argument("--usage-log", help="FILE.jsonl: append one line per finished request (key name, model, λ, tokens, "
+                   "status, latency)")
     s.add_argument("--max-concurrency", type=int, default=8, help="sequences decoded together in one batch")
     s.add_argument("--max-queue", type=int, default=64, help="sequences that may wait for a row; beyond that, 429")
     s.add_argument("--engine", choices=["hf", "vllm"], default="hf", help="hf: built-in batching engine; vllm: vLLM (needs aligndial[vllm])")
@@ -437,6 +469,23 @@ def make_parser() -> argparse.ArgumentParser:
     serve_limits.add_flags(s)
     _add_tensor_parallel_flag(s)
     s.set_defaults(func=cmd_serve)
+
+    k = sub.add_parser("keys", help="API keys with a λ policy each, for `aligndial serve --keys FILE`")
+    kv = k.add_subparsers(dest="keys_verb", required=True)
+    ka = kv.add_parser("add", help="make a key, print it once, and store its SHA-256 and policy in FILE")
+    ka.add_argument("file", help="the keys file (TOML; created if missing)")
+    ka.add_argument("--name", required=True, help="the key's name (in logs, metrics and errors; the key never is)")
+    ka.add_argument("--lam-range", help="allowed λ (each weight), as --lam-range=LO,HI (default: the server's)")
+    ka.add_argument("--default-lam", help="λ when a request gives none (a comma list with several aligned models)")
+    ka.add_argument("--requests-per-minute", type=int, help="requests per sliding minute")
+    ka.add_argument("--tokens-per-minute", type=int, help="prompt + completion tokens per sliding minute")
+    ka.add_argument("--max-tokens", type=int, help="cap on a request's max_tokens")
+    ka.add_argument("--models", help="comma list of model ids the key may use (default: all)")
+    kl = kv.add_parser("list", help="names and policies (never keys or hashes)")
+    kl.add_argument("file", help="the keys file")
+    for p in (ka, kl):
+        p.add_argument("--json", action="store_true", help="print the result as JSON")
+        p.set_defaults(func=cmd_keys)
 
     w = sub.add_parser("sweep", help="generate at every λ, measure, plot, and choose λ (DeRa §5)")
     _add_model_flags(w)

@@ -76,6 +76,30 @@ def _default_lam(text: str | None, n_aligned: int, lo: float, hi: float) -> floa
     return weights[0] if n_aligned == 1 else weights
 
 
+def _keys(args, api_key: str | None, lam_range: tuple[float, float], n_aligned: int):
+    """`--keys FILE`: the policies, read and checked now (one line if the file is bad)."""
+    path = getattr(args, "keys", None)
+    if path is None:
+        return None
+    if api_key:
+        where = "`--api-key`" if args.api_key else "ALIGNDIAL_API_KEY (in the environment)"
+        raise ValueError(f"`--keys` and {where} exclude each other: give each application a key in {path} "
+                         "(`aligndial keys add`), or use the single key without --keys")
+    from aligndial.serve.keys import PolicyStore
+
+    return PolicyStore(path, lam_range, n_aligned)
+
+
+def _usage_log(path: str | None) -> str | None:
+    """`--usage-log FILE.jsonl`: must be appendable now, before a model loads."""
+    if path is not None:
+        try:
+            open(path, "a").close()
+        except OSError as e:
+            raise ValueError(f"`--usage-log {path}`: cannot append to it: {e.strerror}") from None
+    return path
+
+
 def settings_from_args(args):
     """Check every flag before any model loads; returns the `ServerSettings`."""
     from aligndial.serve.app import ServerSettings
@@ -88,11 +112,14 @@ def settings_from_args(args):
         if args.model and not args.adapter:
             n_aligned = export_n_aligned(args.model)
     lo, hi = _lam_range(args.lam_range)
+    api_key = args.api_key or os.environ.get("ALIGNDIAL_API_KEY") or None
     return ServerSettings(
         model_name=args.model if args.model else "+".join(args.aligned or []),
         default_lam=_default_lam(args.default_lam, n_aligned, lo, hi),
         lam_range=(lo, hi),
-        api_key=args.api_key or os.environ.get("ALIGNDIAL_API_KEY") or None,
+        api_key=api_key,
+        keys=_keys(args, api_key, (lo, hi), n_aligned),
+        usage_log=_usage_log(getattr(args, "usage_log", None)),
         host=args.host,
         port=args.port,
         max_concurrency=args.max_concurrency,
@@ -136,8 +163,9 @@ def _serve(engine, settings) -> int:
 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s:     %(message)s")
     log.info("serving %r (λ default %s, range %s, context %d tokens%s)", settings.model_name, settings.default_lam,
-             list(settings.lam_range), engine.context_length, ", API key required" if settings.api_key else "")
-    if not settings.api_key and not _is_loopback(settings.host):
+             list(settings.lam_range), engine.context_length, ", API key required" if settings.api_key else
+             f", {len(settings.keys.policy.keys)} key(s) from {settings.keys.path}" if settings.keys else "")
+    if not settings.api_key and not settings.keys and not _is_loopback(settings.host):
         log.warning("listening on %s without an API key: anyone who can reach it can use it", settings.host)
     uvicorn.Server(uvicorn_config(create_app(engine, settings), settings)).run()
     return 0

@@ -43,7 +43,7 @@ from jinja2 import TemplateError
 
 from aligndial.generation import render_prompts
 from aligndial.serve.engine import EngineOverloaded, EngineUnavailable, Generation, GenerationRequest, TokenEvent
-from aligndial.serve import limits
+from aligndial.serve import keys, limits
 from aligndial.serve.errors import APIError, install_handlers
 from aligndial.serve.guards import ReadBody
 from aligndial.serve.protocol import ChatCompletionRequest, CompletionRequest, _Sampling
@@ -77,6 +77,9 @@ class ServerSettings:
     keep_alive_timeout: float = field(default=limits.KEEP_ALIVE_TIMEOUT,
                                       metadata={"help": limits.FLAGS["keep_alive_timeout"][3]})
     max_header_bytes: int = field(default=limits.MAX_HEADER_BYTES, metadata={"help": limits.FLAGS["max_header_bytes"][3]})
+    # --- policies per key (keys.py) -----------------------------------------------------------------
+    keys: keys.PolicyStore | None = field(default=None, metadata={"help": "the keys file's policies (--keys)"})
+    usage_log: str | None = field(default=None, metadata={"help": "append one JSON line per finished request here"})
 
 
 class Metrics:
@@ -302,8 +305,13 @@ def create_app(engine, settings: ServerSettings) -> FastAPI:
                        count_error=lambda kind: metrics.errors.update([kind]))
     if settings.api_key:
         app.add_middleware(_RequireKey, key=settings.api_key, count_error=lambda kind: metrics.errors.update([kind]))
+    key_metrics = keys.KeyMetrics()
+    if settings.keys is not None or settings.usage_log:
+        app.add_middleware(keys.KeyGate, store=settings.keys, metrics=key_metrics,
+                           usage_log=keys.UsageLog(settings.usage_log) if settings.usage_log else None,
+                           count_error=lambda kind: metrics.errors.update([kind]))
 
-    def strength(body: _Sampling):
+    def strength(body: _Sampling, default):
         """The λ for this request (default if none), checked against the server: one weight per
         aligned model, each within --lam-range. Returned as the client gave it (number or list)."""
         try:
@@ -315,7 +323,7 @@ def create_app(engine, settings: ServerSettings) -> FastAPI:
                 raise APIError(400, f"`{name}` has no effect: this server runs a plain model. Start it with "
                                     "`--model M --adapter A` or `--ref R --aligned A` to mix.", param=name)
             return None
-        lam = settings.default_lam if lam is None else lam
+        lam = default if lam is None else lam
         weights = lam if isinstance(lam, list) else [lam]
         if len(weights) != engine.n_aligned:
             raise APIError(400, f"`{name}` needs {engine.n_aligned} weight(s), one per aligned model; got {lam!r}", param=name)
@@ -341,7 +349,13 @@ def create_app(engine, settings: ServerSettings) -> FastAPI:
         if body.model is not None and body.model != settings.model_name:
             raise APIError(404, f"model {body.model!r} does not exist; this server serves {settings.model_name!r} "
                                 "(see GET /v1/models)", param="model", code="model_not_found")
-        lam = strength(body)
+        lam = strength(body, keys.default_lam(request, settings.default_lam))
+        use = request.scope.get(keys.SCOPE_KEY)
+        if use is not None:
+            use.model, use.lam = settings.model_name, lam
+        keys.check_request(use, key_metrics, settings.model_name, lam,
+                           "lam" if body.lam is not None and body.alignment_strength is None else "alignment_strength",
+                           max_tokens)
         check_temperature(body)
         prompt_field = "messages" if chat else "prompt"
         ctx, p = engine.context_length, len(prompt_ids)
@@ -352,6 +366,7 @@ def create_app(engine, settings: ServerSettings) -> FastAPI:
                                 "one token must be generated; shorten the prompt", param=prompt_field)
         if max_tokens is None:
             max_tokens = ctx - p if chat else min(COMPLETION_DEFAULT_MAX_TOKENS, ctx - p)
+            max_tokens = min(max_tokens, keys.max_tokens_cap(request) or max_tokens)
         if p + max_tokens > ctx:
             raise APIError(400, f"the prompt ({p} tokens) + max_tokens ({max_tokens}) = {p + max_tokens} exceeds the "
                                 f"model's context of {ctx} tokens; lower max_tokens to at most {ctx - p} or shorten the "
@@ -372,6 +387,8 @@ def create_app(engine, settings: ServerSettings) -> FastAPI:
         metrics.prompt_tokens += p
         metrics.in_flight += 1
         reply = _Reply(chat, settings.model_name, lam, body.n, tokenizer, body.stop, p, body.return_token_ids)
+        if use is not None:
+            use.reply = reply
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
             return _EventStream(stream(generation, reply, include_usage), on_close=lambda: done(generation))
@@ -409,6 +426,7 @@ def create_app(engine, settings: ServerSettings) -> FastAPI:
             if not isinstance(e, APIError):
                 log.exception("error while streaming")
             metrics.errors[err.type] += 1
+            reply.error_status = err.status  # for the usage log: this 200 stream ended in an error
             yield _sse(err.body())
         yield "data: [DONE]\n\n"
 
@@ -425,7 +443,10 @@ def create_app(engine, settings: ServerSettings) -> FastAPI:
 
     @app.get("/metrics")
     async def prometheus():
-        return Response(metrics.render(engine.stats(), engine.healthy()), media_type="text/plain; version=0.0.4")
+        text = metrics.render(engine.stats(), engine.healthy())
+        if settings.keys is not None or settings.usage_log:
+            text += key_metrics.render(settings.keys.reloads if settings.keys is not None else None)
+        return Response(text, media_type="text/plain; version=0.0.4")
 
     @app.get("/", include_in_schema=False)
     @app.get("/playground", include_in_schema=False)
@@ -437,9 +458,18 @@ def create_app(engine, settings: ServerSettings) -> FastAPI:
         """What the page needs before its first API call; no model name (that stays behind the key)."""
         return {"lam_range": list(settings.lam_range), "default_lam": settings.default_lam,
                 "n_aligned": engine.n_aligned, "context_length": engine.context_length,
-                "api_key_required": bool(settings.api_key)}
+                "api_key_required": bool(settings.api_key) or settings.keys is not None}
 
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
+
+    @app.get("/v1/policy")
+    async def policy(request: Request):
+        """The λ policy of the key this request sends (the playground's slider): the key's range and
+        default, or the server's."""
+        use = request.scope.get(keys.SCOPE_KEY)
+        key = use.key.public() if use is not None and use.key is not None else {}
+        return {**key, "lam_range": key.get("lam_range") or list(settings.lam_range),
+                "default_lam": settings.default_lam if key.get("default_lam") is None else key["default_lam"]}
 
     @app.get("/v1/models")
     async def models():
