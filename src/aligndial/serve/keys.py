@@ -114,20 +114,22 @@ def _positive_int(value, where: str) -> int:
     return value
 
 
-def _number(value, where: str) -> float:
+def _number(value, at: str, name: str) -> float:
+    """A λ from the file: a TOML number, checked by `check_lam` (finite, within ±LAM_LIMIT)."""
     if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise PolicyError(f"{where} must be a number; got {value!r}")
+        raise PolicyError(f"{at}: `{name}` must be a number; got {value!r}")
     try:
-        return check_lam(value, where)
+        return check_lam(value, name)
     except ValueError as e:
-        raise PolicyError(str(e)) from None
+        raise PolicyError(f"{at}: {e}") from None
 
 
 def parse_key(name: str, table, where: str, lam_range: tuple[float, float] | None = None,
-              n_aligned: int | None = None, served: list[str] | None = None) -> KeyPolicy:
+              n_aligned: int | None = None) -> KeyPolicy:
     """One `[keys.NAME]` table, checked: types, λ bounds (each λ within ±LAM_LIMIT via
     `check_lam`, and within the server's `lam_range` when given), `default_lam` within the key's
-    range with one weight per aligned model (`n_aligned`, when known), models among `served`."""
+    range with one weight per aligned model (`n_aligned`, when known). `models` may name ids other
+    servers serve (one keys file can serve several servers); a key gets 403 for the rest."""
     at = f"{where}: [keys.{name}]"
     if not NAME_PATTERN.fullmatch(name):
         raise PolicyError(f"{at}: a key name must be 1–64 letters, digits, '_' or '-'; rename it")
@@ -146,7 +148,7 @@ def parse_key(name: str, table, where: str, lam_range: tuple[float, float] | Non
         value = table["lam_range"]
         if not isinstance(value, list) or len(value) != 2:
             raise PolicyError(f"{at}: `lam_range` must be [LO, HI]; got {value!r}")
-        lo, hi = (_number(x, f"{at}: `lam_range`") for x in value)
+        lo, hi = (_number(x, at, "lam_range") for x in value)
         if lo > hi:
             raise PolicyError(f"{at}: `lam_range` must be [LO, HI] with LO ≤ HI; got {value!r}")
         if lam_range is not None and not (lam_range[0] <= lo and hi <= lam_range[1]):
@@ -158,7 +160,7 @@ def parse_key(name: str, table, where: str, lam_range: tuple[float, float] | Non
         if n_aligned == 0:
             raise PolicyError(f"{at}: `default_lam` has no effect on a plain model (no mix is served); remove it")
         value = table["default_lam"]
-        weights = [_number(x, f"{at}: `default_lam`") for x in (value if isinstance(value, list) else [value])]
+        weights = [_number(x, at, "default_lam") for x in (value if isinstance(value, list) else [value])]
         if not weights:
             raise PolicyError(f"{at}: `default_lam` must be a number, or a list with one number per aligned model")
         if n_aligned is not None and len(weights) != n_aligned:
@@ -173,19 +175,14 @@ def parse_key(name: str, table, where: str, lam_range: tuple[float, float] | Non
         value = table["models"]
         if not isinstance(value, list) or not value or not all(isinstance(m, str) and m for m in value):
             raise PolicyError(f"{at}: `models` must be a non-empty list of model ids; got {value!r}")
-        if served is not None:
-            missing = [m for m in value if m not in served]
-            if missing:
-                raise PolicyError(f"{at}: `models` names {missing[0]!r}, which this server does not serve "
-                                  f"(it serves {', '.join(map(repr, served))})")
         models = tuple(value)
     ints = {f: _positive_int(table[f], f"{at}: `{f}`") for f in ("requests_per_minute", "tokens_per_minute",
                                                                   "max_tokens") if f in table}
     return KeyPolicy(name, digest.lower(), rng, default, models=models, **ints)
 
 
-def parse_policy(text: str, where: str, lam_range: tuple[float, float] | None = None, n_aligned: int | None = None,
-                 served: list[str] | None = None) -> Policy:
+def parse_policy(text: str, where: str, lam_range: tuple[float, float] | None = None,
+                 n_aligned: int | None = None) -> Policy:
     """A whole keys file (see `parse_key` for the checks); raises `PolicyError` with one line."""
     try:
         data = tomllib.loads(text)
@@ -197,7 +194,7 @@ def parse_policy(text: str, where: str, lam_range: tuple[float, float] | None = 
     tables = data.get("keys", {})
     if not isinstance(tables, dict):
         raise PolicyError(f"{where}: `keys` must be tables, [keys.NAME]; got {tables!r}")
-    keys = tuple(parse_key(name, table, where, lam_range, n_aligned, served) for name, table in tables.items())
+    keys = tuple(parse_key(name, table, where, lam_range, n_aligned) for name, table in tables.items())
     seen: dict[str, str] = {}
     for key in keys:
         if key.sha256 in seen:
@@ -236,8 +233,9 @@ def _toml_value(value) -> str:
         if not math.isfinite(value):
             raise ValueError(f"cannot write the non-finite number {value!r}")
         return repr(value)  # Python's shortest repr reads back as the same float in TOML
-    if isinstance(value, str):
-        return json.dumps(value, ensure_ascii=False)  # a TOML basic string is a JSON string for these characters
+    if isinstance(value, str):  # a basic string: escape `"`, `\\` and the control characters TOML forbids (DEL too)
+        return '"' + "".join(c if c not in '"\\' and c >= " " and c != "\x7f" else
+                             "\\" + c if c in '"\\' else f"\\u{ord(c):04x}" for c in value) + '"'
     if isinstance(value, (list, tuple)):
         return "[" + ", ".join(_toml_value(v) for v in value) + "]"
     raise TypeError(f"cannot write {type(value).__name__} as TOML")
@@ -308,7 +306,7 @@ class SlidingWindow:
         over = self.total - limit + 1
         for t, amount in self.events:
             if over <= amount:
-                return t + self.window - now
+                return min(self.window, t + self.window - now)  # min: rounding can give 60.000000000000014
             over -= amount
         return 0.0
 
@@ -348,10 +346,9 @@ class PolicyStore:
     (checked at each request). A file that does not parse leaves the old policy in force, with one
     log line; requests already admitted keep the `KeyPolicy` they started with."""
 
-    def __init__(self, path: str, lam_range: tuple[float, float] | None = None, n_aligned: int | None = None,
-                 served: list[str] | None = None):
+    def __init__(self, path: str, lam_range: tuple[float, float] | None = None, n_aligned: int | None = None):
         self.path = path
-        self.context = {"lam_range": lam_range, "n_aligned": n_aligned, "served": served}
+        self.context = {"lam_range": lam_range, "n_aligned": n_aligned}
         self.reloads: Counter[str] = Counter()  # by result: ok / error
         self._signature = self._stat()
         self.policy = read_policy(path, **self.context)  # at start, a bad file stops the server (one line)
@@ -360,9 +357,12 @@ class PolicyStore:
         return f"PolicyStore({self.path!r}, keys={self.policy.names()})"
 
     def set_served(self, served: list[str]) -> None:
-        """The model ids are known: check the `models` fields again against them."""
-        self.context["served"] = served
-        self.policy = read_policy(self.path, **self.context)
+        """The model ids are known: one line for each key that may use none of them (a typo, or a
+        keys file shared with other servers)."""
+        for key in self.policy.keys:
+            if key.models is not None and not set(key.models) & set(served):
+                log.warning("keys file %s: key %r may use none of the models served here (%s); its requests get 403",
+                            self.path, key.name, ", ".join(served))
 
     def _stat(self):
         try:

@@ -32,6 +32,33 @@ async function fetchModel() {
   updateCode();
 }
 
+// A key of `aligndial serve --keys` may allow a narrower λ range and its own default: the
+// sliders take them from GET /v1/policy once the key is entered.
+async function fetchKeyPolicy() {
+  const response = await fetch("/v1/policy", { headers: headers() });
+  if (!response.ok) throw new Error(await errorText(response));
+  const policy = await response.json();
+  Object.assign(config, { lam_range: policy.lam_range, default_lam: policy.default_lam, key_name: policy.name });
+  const [lo, hi] = config.lam_range;
+  const defaults = [config.default_lam].flat();
+  for (const column of columns()) {
+    column.querySelectorAll(".lams > *").forEach((lam, k) => {
+      for (const input of [lam.children[1], lam.children[2]]) Object.assign(input, { min: lo, max: hi, value: defaults[k] });
+    });
+  }
+  describeServer();
+  updateCode();
+}
+
+function describeServer() {
+  const [lo, hi] = config.lam_range;
+  const who = config.key_name ? `key ${config.key_name}: ` : "";
+  $("server-info").textContent = config.n_aligned === 0
+    ? `A plain model (no λ) · context ${config.context_length} tokens`
+    : `${who}λ from ${lo} to ${hi}, default ${json(config.default_lam)} · 0 = reference, 1 = aligned, above 1 extrapolates` +
+      ` · context ${config.context_length} tokens`;
+}
+
 // --- λ columns ------------------------------------------------------------------------------
 
 function addColumn() {
@@ -226,11 +253,7 @@ async function copy(pre) {
 
 async function main() {
   config = await (await fetch("/playground/config")).json();
-  const [lo, hi] = config.lam_range;
-  $("server-info").textContent = config.n_aligned === 0
-    ? `A plain model (no λ) · context ${config.context_length} tokens`
-    : `λ from ${lo} to ${hi}, default ${json(config.default_lam)} · 0 = reference, 1 = aligned, above 1 extrapolates` +
-      ` · context ${config.context_length} tokens`;
+  describeServer();
   $("key-field").hidden = !config.api_key_required;
   $("max-tokens").max = config.context_length - 1;
   setColumns(1);
@@ -254,7 +277,8 @@ async function main() {
   $("prompt").addEventListener("keydown", (event) => {
     if (event.key === "Enter" && (event.ctrlKey || event.metaKey) && !running) $("request").requestSubmit();
   });
-  $("api-key").addEventListener("change", () => fetchModel().catch((e) => { $("status").textContent = e.message; }));
+  $("api-key").addEventListener("change", () => Promise.all([fetchModel(), fetchKeyPolicy()])
+    .catch((e) => { $("status").textContent = e.message; }));
   document.querySelectorAll("[data-copy]").forEach((button) =>
     button.addEventListener("click", () => copy($(button.dataset.copy))));
   if (!config.api_key_required) await fetchModel();
