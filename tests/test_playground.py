@@ -181,3 +181,29 @@ def test_two_aligned_models_give_one_slider_per_weight(browser, model_dirs):
                                                extra_body={"alignment_strength": [1, 0.25]})
         assert shown == [r.choices[0].text, r.usage.completion_tokens]
         assert '"alignment_strength": [1, 0.25]' in find(browser, "#python-code").get_property("textContent")
+
+
+@pytest.mark.slow
+def test_a_key_from_a_keys_file_sets_the_sliders_range_and_default(browser, model_dirs, tmp_path):
+    """`serve --keys`: once a key is typed, the slider spans that key's λ range, starts at its
+    default, and a run is answered under its policy."""
+    from aligndial.serve.keys import PolicyStore, key_hash, to_toml
+
+    key = "sk-tutor-key-for-the-page"
+    path = tmp_path / "keys.toml"
+    path.write_text(to_toml("tutor", {"sha256": key_hash(key), "lam_range": [1.0, 2.0], "default_lam": 1.5}))
+    ref, aligned, _ = model_dirs["llama"]
+    pair = RealignedPair.from_pretrained(ref, aligned)
+    engine = HFEngine(pair, pair.tokenizer, 1, max_concurrency=4, max_queue=4)
+    with Server(engine, lam_range=LAM_RANGE, keys=PolicyStore(str(path), LAM_RANGE, 1)) as server:
+        open_page(browser, server, 8)
+        slider = find(browser, ".column input[type=range]")
+        assert (slider.get_attribute("min"), slider.get_attribute("max")) == ("-1", "3")  # the server's, before a key
+        find(browser, "#api-key").send_keys(key, Keys.TAB)
+        WebDriverWait(browser, 10).until(lambda _: slider.get_attribute("min") == "1")
+        assert (slider.get_attribute("max"), slider.get_property("value")) == ("2", "1.5")
+        assert "key tutor: λ from 1 to 2" in find(browser, "#server-info").text
+        [shown] = run(browser)
+        r = server.client(api_key=key).completions.create(model=NAME, prompt=PROMPT, max_tokens=8, temperature=0)
+        assert r.alignment_strength == 1.5 and shown == [r.choices[0].text, r.usage.completion_tokens]
+        assert key not in find(browser, "body").text
