@@ -354,8 +354,8 @@ def test_request_and_token_rates_give_429_with_retry_after(keyed):
         complete(keyed, "bob", 2.0, max_tokens=2)
     assert 1 <= int(e.value.response.headers["retry-after"]) <= 60
     # carol: tokens count when a request ends, so her first request may overshoot; the next waits.
-    r = complete(keyed, "carol", max_tokens=20)
-    assert r.usage.total_tokens > 20
+    r = complete(keyed, "carol", prompt="The quick brown fox jumps over the lazy dog. " * 4, max_tokens=2)
+    assert r.usage.prompt_tokens > 20
     with pytest.raises(openai.RateLimitError, match=r"over its rate of 20 tokens \(prompt \+ completion\) per minute") as e:
         complete(keyed, "carol")
     assert 1 <= int(e.value.response.headers["retry-after"]) <= 60
