@@ -10,7 +10,7 @@ strength λ, and concurrent requests with different λ share forward passes.
 Files: protocol.py (request bodies and their bounds), limits.py (every request limit: default,
 flag, check), errors.py (OpenAI error objects), guards.py (body size/type/time and header
 timeouts, before any route), engine.py (the batching engine), vllm_engine.py (the same interface
-on vLLM), batch.py (rows joining and leaving a KV cache), app.py (routes,
+on vLLM), batch.py (rows joining and leaving a KV cache), keys.py (λ policy per API key: `--keys`), app.py (routes,
 `create_app(engine, settings)`), static/ (the playground page at /). This module turns the
 command's flags into those pieces.
 

@@ -16,6 +16,10 @@ engine gives 429 with Retry-After; a client that hangs up cancels its generation
 not; an engine error after the first streamed chunk becomes an error event, then `data: [DONE]`;
 API keys are compared in constant time and never logged.
 
+Policies per API key (`--keys`, keys.py): its `KeyGate` middleware authenticates and rate-limits
+/v1/* and writes the usage log; `answer` asks keys.py for the key's default λ and its 403s
+before a request reaches the engine. GET /v1/policy gives the sending key's λ range (the playground's slider).
+
 Hostile inputs (cases 26–29; every bound lives in limits.py): bodies are checked and read by
 guards.py (JSON, size, time); a temperature between 0 and --min-temperature is refused; a prompt
 is measured in characters before it is tokenized, and tokenized (or its chat template rendered)
