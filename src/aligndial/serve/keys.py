@@ -564,18 +564,24 @@ class KeyGate:
         scope[SCOPE_KEY] = use
         if scope["method"] != "POST":
             return await self.app(scope, receive, send)
-        status = 499  # the client went away before any response started
+        status, finished = None, False
 
         async def send_and_see(message):
-            nonlocal status
+            # The line is written before the response's last message is sent, so a client that has
+            # its whole answer finds the line on disk.
+            nonlocal status, finished
             if message["type"] == "http.response.start":
                 status = message["status"]
+            elif message["type"] == "http.response.body" and not message.get("more_body", False) and not finished:
+                finished = True
+                self._finish(use, getattr(use.reply, "error_status", None) or status)
             await send(message)
 
         try:
             await self.app(scope, receive, send_and_see)
         finally:
-            self._finish(use, getattr(use.reply, "error_status", None) or status)
+            if not finished:  # the client went away before its answer was complete
+                self._finish(use, 499)
 
     def _finish(self, use: KeyUse, status: int, count: bool = True) -> None:
         prompt, completion = use.tokens()
