@@ -428,6 +428,21 @@ def test_reload_during_a_streamed_request_and_hostile_reloads_keep_the_old_polic
     assert complete(keyed, "grace").usage.completion_tokens >= 1
 
 
+def test_a_client_that_leaves_mid_stream_is_logged_as_499(keyed):
+    body = {"model": NAME, "prompt": "Hello", "max_tokens": 60, "stream": True, "temperature": 0}
+    keyed.slow.set()
+    try:
+        with httpx.stream("POST", keyed.url + "/v1/completions", json=body, timeout=60,
+                          headers={"authorization": f"Bearer {KEYS['erin']}"}) as stream:
+            next(line for line in stream.iter_lines() if line.startswith("data: "))
+        assert wait_for(lambda: usage_rows(keyed)[-1]["status"] == 499, 10), usage_rows(keyed)[-1]
+    finally:
+        keyed.slow.clear()
+    row = usage_rows(keyed)[-1]
+    assert row["key"] == "erin" and row["completion_tokens"] < 60
+    assert complete(keyed, "erin").usage.completion_tokens >= 1
+
+
 def test_keys_never_appear_in_logs_metrics_errors_or_reprs(keyed, caplog):
     caplog.set_level(logging.DEBUG)
     complete(keyed, "dave")
