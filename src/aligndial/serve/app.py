@@ -473,6 +473,7 @@ def create_app(engine, settings: ServerSettings) -> FastAPI:
         use = request.scope.get(keys.SCOPE_KEY)
         key = use.key.public() if use is not None and use.key is not None else {}
         return {**key, "lam_range": key.get("lam_range") or list(settings.lam_range),
+                "own_default": key.get("default_lam") is not None,
                 "default_lam": settings.default_lam if key.get("default_lam") is None else key["default_lam"]}
 
     @app.get("/v1/models")

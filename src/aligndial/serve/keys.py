@@ -306,7 +306,8 @@ class SlidingWindow:
         over = self.total - limit + 1
         for t, amount in self.events:
             if over <= amount:
-                return min(self.window, t + self.window - now)  # min: rounding can give 60.000000000000014
+                # Rounding can give 60.000000000000014, or 0.0 for an event 1e-45 s after another.
+                return min(self.window, max(t + self.window - now, 1e-9))
             over -= amount
         return 0.0
 

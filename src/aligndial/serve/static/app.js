@@ -41,9 +41,12 @@ async function fetchKeyPolicy() {
   Object.assign(config, { lam_range: policy.lam_range, default_lam: policy.default_lam, key_name: policy.name });
   const [lo, hi] = config.lam_range;
   const defaults = [config.default_lam].flat();
+  // A key with its own default moves the sliders there; otherwise λ values already set stay
+  // (clamped into the key's range).
   for (const column of columns()) {
     column.querySelectorAll(".lams > *").forEach((lam, k) => {
-      for (const input of [lam.children[1], lam.children[2]]) Object.assign(input, { min: lo, max: hi, value: defaults[k] });
+      const value = policy.own_default ? defaults[k] : Math.min(hi, Math.max(lo, Number(lam.children[2].value)));
+      for (const input of [lam.children[1], lam.children[2]]) Object.assign(input, { min: lo, max: hi, value });
     });
   }
   describeServer();
