@@ -156,13 +156,13 @@ def cmd_adapter_merge(args) -> int:
 def cmd_export_vllm(args) -> int:
     """A DeRa pair (ref + aligned models) as one directory for `vllm serve`."""
     from aligndial.loading import load_causal_lm, load_tokenizer
-    from aligndial.pair import check_tokenizers
+    from aligndial.vocab import check_tokenizers
     from aligndial.vllm.export import export_pair
 
     check_model("--ref", args.ref)
     for name in args.aligned:
         check_model("--aligned", name)
-    from aligndial.lora_pair import refuse_vllm
+    from aligndial.peft_dirs import refuse_vllm
 
     refuse_vllm(args.aligned)  # vLLM cannot run a LoRA-aligned pair (docs/lora.md)
     if args.default_lam is not None:
@@ -235,13 +235,12 @@ def served_model_name(args) -> str:
 
 
 def cmd_serve(args) -> int:
-    from aligndial.engines import serve
-    from aligndial.serve import settings_from_args
+    from aligndial.serve import serve_from_args, settings_from_args
 
     check_models(args)
     settings = settings_from_args(args)  # every flag is checked before a model loads
     settings.model_name = served_model_name(args)
-    return serve(args, settings)
+    return serve_from_args(args, settings)
 
 
 def cmd_sweep(args) -> int:

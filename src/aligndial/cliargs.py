@@ -8,9 +8,10 @@ and the fix; `aligndial.cli.main` prints it as one line.
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
+
+from aligndial.peft_dirs import adapter_kind
 
 
 def looks_local(name: str) -> bool:
@@ -24,7 +25,7 @@ def check_model(flag: str, name: str | None) -> None:
         return
     path = Path(name).expanduser()
     if path.is_dir():
-        if flag == "--aligned" and peft_type(path) is not None:
+        if flag == "--aligned" and adapter_kind(path) is not None:
             return  # a PEFT adapter as the aligned model: the pair loads it on `--ref`
         if not (path / "config.json").is_file():
             hint = " (it is a layer adapter: pass it as `--adapter`)" if (path / "adapter_config.json").is_file() else ""
@@ -34,15 +35,6 @@ def check_model(flag: str, name: str | None) -> None:
         raise ValueError(f"`{flag} {name}`: not a directory; give a model directory or a hub id")
     if looks_local(name):
         raise FileNotFoundError(f"`{flag} {name}`: no such directory")
-
-
-def peft_type(path: str | Path) -> str | None:
-    """The `peft_type` of a PEFT adapter directory (LORA, ...), None for anything else."""
-    config = Path(path) / "adapter_config.json"
-    try:
-        return json.loads(config.read_text()).get("peft_type")
-    except (OSError, ValueError, AttributeError):
-        return None
 
 
 def check_adapter(name: str | None, base: str | None = None) -> None:
@@ -55,7 +47,7 @@ def check_adapter(name: str | None, base: str | None = None) -> None:
                                 " or `aligndial train dpo|sft`")
     if not (path / "adapter_config.json").is_file():
         raise ValueError(f"`--adapter {name}`: holds no adapter_config.json, so it is not an adapter directory")
-    kind = peft_type(path)
+    kind = adapter_kind(path)
     if kind is not None:
         raise ValueError(f"`--adapter {name}` is a PEFT {kind} adapter, not an aligndial layer adapter; pass it as "
                          f"`--ref {base or 'BASE'} --aligned {name}` (the base model with the adapter as the aligned model)")

@@ -7,7 +7,7 @@
 A row is {"text", "token_ids" (generated ids, up to and including EOS), "tokens_per_second"},
 the same contract from both engines; greedy rows are equal token for token (tests/test_vllm_*).
 
-- `hf` (`TransformersEngine`): the mixed model of `aligndial.pair` / `aligndial.dualpath`; the rows
+- `hf` (`TransformersEngine`): the mixed model `aligndial.mixed.load_mixed` picks; the rows
   of a call with one λ are one `generate` (`aligndial.generation.generate_rows`).
 - `vllm` (`aligndial.vllm.run.VLLMBatchEngine`): the model flags exported to a directory vLLM loads,
   and every (text, λ) of a call one request of one vLLM batch. Prefix caching shares a prompt's
@@ -15,8 +15,8 @@ the same contract from both engines; greedy rows are equal token for token (test
 
 `engine.scorer()` is the transformers mixed model that scores rows (KL, pairwise accuracy need
 the full next-token distribution of both paths, which vLLM does not return): the model itself on
-`hf`, loaded on first use on `vllm`. `serve(args, settings)` picks the server's engine the same way.
-Beyond `load_engine` / `serve`, no caller looks at `--engine`.
+`hf`, loaded on first use on `vllm`. `aligndial.serve.serve(args, settings)` picks the server's engine
+with the same `check_args`. Beyond `load_engine` and that, no caller looks at `--engine`.
 """
 
 from __future__ import annotations
@@ -58,35 +58,6 @@ class Engine(Protocol):
         """The transformers mixed model for scoring rows."""
 
     def close(self) -> None: ...
-
-
-def load_hf(args):
-    """(model, tokenizer, n_aligned) on transformers for the model flags in `args`; n_aligned 0 is a plain model."""
-    from aligndial.loading import device_maps_from_flags, load_causal_lm, load_tokenizer
-
-    if args.ref and args.model:
-        raise ValueError("Can't provide both `--ref` and `--model`. Choose one.")
-    if args.ref:
-        if not args.aligned:
-            raise ValueError("`--ref` needs at least one `--aligned` model")
-        from aligndial.pair import RealignedPair
-
-        device_map = device_maps_from_flags(getattr(args, "device_map", None), 1 + len(args.aligned))
-        pair = RealignedPair.from_pretrained(args.ref, args.aligned, args.dtype, getattr(args, "device", None),
-                                             args.trust_remote_code, device_map=device_map)
-        return pair, pair.tokenizer, len(args.aligned)
-    if not args.model:
-        raise ValueError("give `--ref R --aligned A` (DeRa pair) or `--model M [--adapter A]`")
-    if args.aligned:
-        raise ValueError("`--aligned` goes with `--ref`, not `--model`")
-    tok = load_tokenizer(args.model, args.trust_remote_code)
-    model = load_causal_lm(args.model, args.dtype, getattr(args, "device", None), args.trust_remote_code,
-                           device_map=device_maps_from_flags(getattr(args, "device_map", None), 1))
-    if getattr(args, "adapter", None):
-        from aligndial.dualpath import DualPathModel
-
-        return DualPathModel.from_adapter(model, args.adapter), tok, 1
-    return model, tok, 0
 
 
 class TransformersEngine:
@@ -143,7 +114,7 @@ def check_args(args) -> str:
     engine = getattr(args, "engine", "hf") or "hf"
     tp = getattr(args, "tensor_parallel_size", None)
     if engine == "vllm":
-        from aligndial.lora_pair import refuse_vllm
+        from aligndial.peft_dirs import refuse_vllm
         from aligndial.vllm.run import check_installed
 
         refuse_vllm(getattr(args, "aligned", None))  # a LoRA-aligned pair runs on hf only (docs/lora.md)
@@ -170,13 +141,7 @@ def load_engine(args, default_lam=None) -> Engine:
         from aligndial.vllm.run import VLLMBatchEngine
 
         return VLLMBatchEngine.from_args(args, default_lam)
-    return TransformersEngine(*load_hf(args))
+    from aligndial.mixed import load_mixed
 
+    return TransformersEngine(*load_mixed(args))
 
-def serve(args, settings) -> int:
-    """`aligndial serve` on the engine `args` choose (the same app, routes and validation on both)."""
-    from aligndial.serve import run, run_vllm
-
-    if check_args(args) == "vllm":
-        return run_vllm(args, settings)
-    return run(*load_hf(args), settings)

@@ -101,6 +101,17 @@ def settings_from_args(args):
     )
 
 
+def serve_from_args(args, settings) -> int:
+    """`aligndial serve` on the engine `args` choose (`aligndial.engines.check_args`): the same app,
+    routes and validation on both."""
+    from aligndial.engines import check_args
+    from aligndial.mixed import load_mixed
+
+    if check_args(args) == "vllm":
+        return run_vllm(args, settings)
+    return run(*load_mixed(args), settings)
+
+
 def run_vllm(args, settings) -> int:
     """`--engine vllm`: export the model flags to a directory vLLM loads (aligndial.vllm.run), then
     serve it with `VLLMEngine` behind the same app."""

@@ -56,7 +56,7 @@ def model_dir(args, workdir: str, default_lam=None) -> tuple[str, int]:
     if args.ref:
         if not args.aligned:
             raise ValueError("`--ref` needs at least one `--aligned` model")
-        from aligndial.pair import check_tokenizers
+        from aligndial.vocab import check_tokenizers
 
         tok = load_tokenizer(args.ref, trust)
         for name in args.aligned:
@@ -267,9 +267,9 @@ class VLLMBatchEngine:
             if not (self.args.ref or getattr(self.args, "adapter", None)):
                 raise ValueError("scoring (kl, pairwise-accuracy) with `--engine vllm` loads the mix on transformers: "
                                  "give `--ref R --aligned A` or `--model M --adapter A` rather than an export directory")
-            from aligndial.engines import load_hf
+            from aligndial.mixed import load_mixed
 
-            self._scorer = load_hf(self.args)[0]
+            self._scorer = load_mixed(self.args)[0]
         return self._scorer
 
     def close(self) -> None:
