@@ -160,5 +160,22 @@ def test_no_import_runs_up_the_plan():
     assert upward(graph()) == []
 
 
+# Checks that were repeated in several modules: each message (or definition) now stands in one file.
+ONE_HOME = [
+    "Can't provide both `--ref` and `--model`", "needs at least one `--aligned` model",
+    "goes with `--ref`, not `--model`", "`--think-lam` needs a mix with a single aligned model",
+    "`--num-beams` is not supported with `--engine vllm`", "`--think-lam` (λ changing inside a response) is not supported",
+    "`--num-beams` and `--max-new-tokens` must be ≥ 1", "def export_n_aligned(", '.get("peft_type")',
+    "def check_tokenizers(", "def few_rows_product(",
+]
+
+
+def test_each_check_has_one_home():
+    sources = {path: path.read_text() for path in modules().values()}
+    homes = {text: [str(p.relative_to(SRC)) for p, code in sources.items() for _ in range(code.count(text))]
+             for text in ONE_HOME}
+    assert {text: where for text, where in homes.items() if len(where) != 1} == {}
+
+
 if __name__ == "__main__":
     print(report())

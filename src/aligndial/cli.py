@@ -46,20 +46,13 @@ def _read_prompts(args) -> list:
 
 
 def cmd_generate(args) -> int:
-    from aligndial.engines import Settings, check_args, load_engine
+    from aligndial.engines import Settings, load_engine
     from aligndial.generation import render_prompts
-    from aligndial.vllm.run import export_n_aligned
 
     prompts = _read_prompts(args)
-    check_models(args)  # every flag and file is checked before a model loads
-    check_args(args)
-    n_aligned = flags_n_aligned(args) or export_n_aligned(args.model or "")  # a vLLM export mixes its own
-    lams = _lams(args, n_aligned)
+    check_models(args)  # every flag and file is checked before a model loads (the engine's flags: load_engine)
+    lams = _lams(args, flags_n_aligned(args))
     think = None if args.think_lam is None else check_lam(args.think_lam, "--think-lam")
-    if think is not None and n_aligned != 1:
-        raise ValueError("`--think-lam` needs a mix with a single aligned model (`--aligned` or `--adapter`)")
-    if args.num_beams < 1 or args.max_new_tokens < 1:
-        raise ValueError(f"`--num-beams` and `--max-new-tokens` must be ≥ 1; got {args.num_beams}, {args.max_new_tokens}")
     engine = load_engine(args, default_lam=lams[0])
     try:
         texts = render_prompts(engine.tokenizer, prompts, args.chat)
@@ -244,7 +237,7 @@ def cmd_serve(args) -> int:
 
 
 def cmd_sweep(args) -> int:
-    from aligndial.engines import check_args, load_engine
+    from aligndial.engines import load_engine
     from aligndial.evaluate import config_from_args, main as sweep_main
 
     n_aligned = flags_n_aligned(args)  # every flag and input file is checked before a model loads
@@ -253,8 +246,7 @@ def cmd_sweep(args) -> int:
         raise ValueError("`aligndial sweep` needs one mix with a single aligned model: "
                          "`--ref R --aligned A` or `--model M --adapter A`")
     check_models(args)
-    check_args(args)
-    engine = load_engine(args)
+    engine = load_engine(args)  # checks the engine's flags first
     try:
         return sweep_main(args, config, engine, engine.tokenizer)
     finally:

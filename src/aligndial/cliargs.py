@@ -8,6 +8,7 @@ and the fix; `aligndial.cli.main` prints it as one line.
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -76,9 +77,18 @@ def check_prompts(prompts: list, chat: bool, where: str) -> None:
                              "renders it); add `--chat` or give `prompt` strings")
 
 
+def export_n_aligned(model: str) -> int:
+    """Aligned models in an aligndial vLLM export (`--model DIR`, its config.json); 0 for any other model."""
+    config = Path(model) / "config.json"
+    spec = json.loads(config.read_text()).get("aligndial") if config.is_file() else None
+    return len(spec["default_lam"]) if spec else 0
+
+
 def n_aligned(args) -> int:
-    """Aligned sources of the model flags, read from the flags alone: K for `--ref R --aligned A…`,
-    1 for `--model M --adapter A`, 0 for a plain `--model M`."""
+    """Aligned sources of the model flags, read from the flags and at most a config.json: K for
+    `--ref R --aligned A…`, 1 for `--model M --adapter A`, for a plain `--model M` the K of an
+    aligndial vLLM export (which mixes its own) and 0 for any other model. The one home of the
+    model flags' combination check."""
     if getattr(args, "ref", None) and getattr(args, "model", None):
         raise ValueError("Can't provide both `--ref` and `--model`. Choose one.")
     if getattr(args, "ref", None):
@@ -89,7 +99,24 @@ def n_aligned(args) -> int:
         raise ValueError("give `--ref R --aligned A` (DeRa pair) or `--model M [--adapter A]`")
     if getattr(args, "aligned", None):
         raise ValueError("`--aligned` goes with `--ref`, not `--model`")
-    return 1 if getattr(args, "adapter", None) else 0
+    return 1 if getattr(args, "adapter", None) else export_n_aligned(args.model)
+
+
+def check_settings(engine: str, settings, n_aligned: int | None = None) -> None:
+    """The refusals of generation settings (`aligndial.engines.Settings`, or a verb's `args`, which
+    use the same names), in one home: from the flags before a model loads
+    (`aligndial.engines.check_args`) and in each engine's `rows`."""
+    num_beams, think = getattr(settings, "num_beams", 1), getattr(settings, "think_lam", None)
+    max_new_tokens = getattr(settings, "max_new_tokens", 1)
+    if num_beams < 1 or max_new_tokens < 1:
+        raise ValueError(f"`--num-beams` and `--max-new-tokens` must be ≥ 1; got {num_beams}, {max_new_tokens}")
+    if engine == "vllm" and num_beams != 1:
+        raise ValueError("`--num-beams` is not supported with `--engine vllm`; use `--engine hf`")
+    if engine == "vllm" and think is not None:
+        raise ValueError("`--think-lam` (λ changing inside a response) is not supported with `--engine vllm`; "
+                         "use `--engine hf`")
+    if think is not None and n_aligned is not None and n_aligned != 1:
+        raise ValueError("`--think-lam` needs a mix with a single aligned model (`--aligned` or `--adapter`)")
 
 
 def check_models(args) -> None:

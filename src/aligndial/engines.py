@@ -25,6 +25,8 @@ import json
 from dataclasses import dataclass
 from typing import Protocol
 
+from aligndial.cliargs import check_settings, n_aligned
+
 ENGINES = ("hf", "vllm")
 
 
@@ -71,8 +73,7 @@ class TransformersEngine:
     def rows(self, texts: list[str], lams: list, settings: Settings) -> list[dict]:
         """One `generate` per distinct λ, over the rows with that λ. (One call with a per-row λ would
         also mix exactly, but a pair stops every row at the EOS of any member some row runs.)"""
-        if settings.think_lam is not None and self.n_aligned != 1:
-            raise ValueError("`--think-lam` needs a mix with a single aligned model (`--aligned` or `--adapter`)")
+        check_settings(self.name, settings, self.n_aligned)
         keys = [json.dumps(lam) for lam in lams]
         out: list = [None] * len(texts)
         for key in dict.fromkeys(keys):
@@ -119,11 +120,6 @@ def check_args(args) -> str:
 
         refuse_vllm(getattr(args, "aligned", None))  # a LoRA-aligned pair runs on hf only (docs/lora.md)
         check_installed(args)
-        if getattr(args, "num_beams", 1) != 1:
-            raise ValueError("`--num-beams` is not supported with `--engine vllm`; use `--engine hf`")
-        if getattr(args, "think_lam", None) is not None:
-            raise ValueError("`--think-lam` (λ changing inside a response) is not supported with `--engine vllm`; "
-                             "use `--engine hf`")
         if tp is not None and tp < 1:
             raise ValueError(f"`--tensor-parallel-size` must be ≥ 1; got {tp}")
     elif tp not in (None, 1):
@@ -131,12 +127,14 @@ def check_args(args) -> str:
     elif getattr(args, "enforce_eager", False):
         raise ValueError("`--enforce-eager` applies to `--engine vllm` (it skips vLLM's compilation); the hf engine "
                          "never compiles")
+    check_settings(engine, args, n_aligned(args))
     return engine
 
 
 def load_engine(args, default_lam=None) -> Engine:
-    """The engine for a verb's model flags. `default_lam` is what a vLLM export uses for requests
-    without λ (needed with several aligned models; every row of `rows` gives its own λ)."""
+    """The engine for a verb's model flags, checked first (`check_args`: verbs call nothing else).
+    `default_lam` is what a vLLM export uses for requests without λ (needed with several aligned
+    models; every row of `rows` gives its own λ)."""
     if check_args(args) == "vllm":
         from aligndial.vllm.run import VLLMBatchEngine
 

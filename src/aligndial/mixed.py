@@ -35,7 +35,7 @@ def load_pair(ref: str, aligned: str | list[str], dtype=None, device=None, trust
 
 def load_mixed(args):
     """(model, tokenizer, n_aligned) on transformers for a verb's model flags; n_aligned 0 is a
-    plain model. The flag combination is checked by `cliargs.n_aligned`, its one home."""
+    plain model. The flags' combination is checked by `cliargs.n_aligned`, its one home."""
     from aligndial.loading import device_maps_from_flags, load_causal_lm, load_tokenizer
 
     n = n_aligned(args)
@@ -47,7 +47,7 @@ def load_mixed(args):
     tok = load_tokenizer(args.model, args.trust_remote_code)
     model = load_causal_lm(args.model, args.dtype, getattr(args, "device", None), args.trust_remote_code,
                            device_map=device_maps_from_flags(device_map, 1))
-    if n:
+    if getattr(args, "adapter", None):
         from aligndial.dualpath import DualPathModel
 
         return DualPathModel.from_adapter(model, args.adapter), tok, 1

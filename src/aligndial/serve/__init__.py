@@ -80,13 +80,13 @@ def settings_from_args(args):
     """Check every flag before any model loads; returns the `ServerSettings`."""
     from aligndial.serve.app import ServerSettings
 
-    n_aligned = len(args.aligned or []) if args.ref else 1 if args.adapter else 0
+    from aligndial.cliargs import n_aligned as flags_n_aligned
+
+    n_aligned = flags_n_aligned(args)
     if args.engine == "vllm":
-        from aligndial.vllm.run import check_installed, export_n_aligned
+        from aligndial.vllm.run import check_installed
 
         check_installed(args)
-        if args.model and not args.adapter:
-            n_aligned = export_n_aligned(args.model)
     lo, hi = _lam_range(args.lam_range)
     return ServerSettings(
         model_name=args.model if args.model else "+".join(args.aligned or []),
