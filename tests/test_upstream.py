@@ -44,3 +44,16 @@ def test_uvicorn_h11_protocol_still_has_what_the_header_deadline_uses():
     for name in ("self.conn =", "self.loop =", "self.transport =", "def on_response_complete(",
                  "def data_received(", "def connection_lost("):
         assert name in source, f"uvicorn {uvicorn.__version__}'s H11Protocol has no `{name}` any more"
+
+
+def test_argparse_still_has_what_clidocs_walks():
+    """aligndial.clidocs renders docs/cli.md by walking the parser's `_actions` and its
+    `_SubParsersAction`: argparse has no public way to list a parser's subcommands and flags."""
+    import argparse
+
+    parser = argparse.ArgumentParser()
+    sub = parser.add_subparsers().add_parser("verb", help="h")
+    sub.add_argument("--flag")
+    actions = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+    assert len(actions) == 1 and [a.dest for a in actions[0]._choices_actions] == ["verb"], (
+        "argparse changed _actions / _SubParsersAction / _choices_actions, which aligndial.clidocs walks")

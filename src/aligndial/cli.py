@@ -463,8 +463,8 @@ def make_parser() -> argparse.ArgumentParser:
     le.set_defaults(func=cmd_lm_eval, takes_rest=True)
 
     d = sub.add_parser("demo", help="the embedded demo: alignment strength as a dial on tiny models",
-                       description="`aligndial demo` sweeps λ on the bundled models (under a minute); "
-                                   "`aligndial demo build` trains them from scratch (about 16 minutes on 2 cores).")
+                       description="`aligndial demo` sweeps λ on the bundled models (no training); "
+                                   "`aligndial demo build` trains them from scratch (minutes: docs/benchmarks.md).")
     d.add_argument("action", nargs="?", choices=["build", "tour"],
                    help="build: train the demo models from scratch; tour: write the README tour's models and files")
     d.add_argument("--models", help="a bundle directory written by `demo build --out` (default: the bundled one)")
