@@ -122,7 +122,16 @@ def floors(edges: dict[str, set[str]]) -> dict[str, int]:
 
 
 def layer_of() -> dict[str, int]:
-    return {name: i for i, (_, _, names) in enumerate(LAYERS) for name in names}
+    """Each module's floor. A module of a subpackage (serve/, vllm/, train/, demo/) that LAYERS
+    does not name stands on the highest floor of its package's named modules, so a new file
+    there is checked from the day it lands; a new top-level module must be named."""
+    listed = {name: i for i, (_, _, names) in enumerate(LAYERS) for name in names}
+    floors = dict(listed)
+    for name in modules():
+        package = name.rpartition(".")[0]
+        if name not in listed and package:
+            floors[name] = max(i for m, i in listed.items() if m == package or m.startswith(package + "."))
+    return floors
 
 
 def upward(edges: dict[str, set[str]]) -> list[tuple[str, str]]:
@@ -148,7 +157,8 @@ def report() -> str:
 def test_every_module_has_a_place_in_the_plan():
     placed = [name for _, _, names in LAYERS for name in names]
     assert len(placed) == len(set(placed)), "a module is listed on two floors"
-    assert sorted(set(modules()) - set(placed)) == [], "new modules need a floor in LAYERS"
+    unplaced = sorted(name for name in set(modules()) - set(placed) if "." not in name)
+    assert unplaced == [], "new top-level modules need a floor in LAYERS"
     assert sorted(set(placed) - set(modules())) == [], "LAYERS names modules that no longer exist"
 
 
