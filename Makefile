@@ -6,7 +6,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-$(shell cat pyproject.toml Makefile | cksum | cut -d' ' -f1)
 
-.PHONY: install test demo bench clean
+.PHONY: install test test-fast demo bench clean
 
 install: $(STAMP)
 
@@ -23,6 +23,11 @@ $(STAMP): pyproject.toml Makefile
 
 test: $(STAMP)
 	HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false VLLM_CPU_KVCACHE_SPACE=1 $(PY) -m pytest -q
+
+# The edit loop: everything but the tests marked slow (vLLM, the browser, the README run, the demo
+# build, training runs and other long ones). `make test` stays the whole suite and what CI runs.
+test-fast: $(STAMP)
+	HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false $(PY) -m pytest -q -m "not slow" --ignore-glob='tests/test_vllm*'
 
 demo: $(STAMP)
 	HF_HUB_OFFLINE=1 $(VENV)/bin/aligndial demo

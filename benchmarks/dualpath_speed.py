@@ -60,7 +60,7 @@ def ceiling_rows(plain, dtype, ids, rounds) -> list[dict]:
 
 def few_rows_wins(dtype) -> bool:
     """Whether the dual path installs its few-row product on this CPU (`few_rows_product`'s rule)."""
-    from aligndial.dualpath import few_rows_product
+    from aligndial.fewrows import few_rows_product
 
     return few_rows_product(dtype, torch.device("cpu")) is not None
 
@@ -70,15 +70,15 @@ def with_few_rows(model, dtype):
     wherever the dual path installs it here: the like-for-like baseline. Our bf16 kernel beats
     stock at one row too on some CPUs, so a ratio against stock plain would credit the dual path
     with a kernel the plain model could also use."""
-    from aligndial.dualpath import _install_few_rows_linear, _Router, few_rows_product
+    from aligndial.fewrows import Router, few_rows_product, install_few_rows_linear
 
     choice = few_rows_product(dtype, torch.device("cpu"))
     if choice is not None:
-        router = _Router(returns_tuple=False)
+        router = Router(returns_tuple=False)
         router.mode = "dual"  # always on: every few-row forward of this model takes the product
         for m in decoder_layers(model).modules():
             if type(m) is torch.nn.Linear:
-                _install_few_rows_linear(m, router, *choice, dtype)
+                install_few_rows_linear(m, router, *choice, dtype)
     return model
 
 

@@ -14,7 +14,7 @@ Goals (issue 21): tokens/s at λ=0.5 ≥ 1.6× the full pair (≥ 0.8× one plai
   cost if the low-rank terms were free), and λ=1 on 2 rows (the low-rank terms on both rows
   instead of one, by PEFT's operations: strictly more work).
 - Whole generations (`--tokens` new tokens, 128 by default), full pair and LoRA pair alternating.
-- Peak RSS: each side loads from disk (`RealignedPair.from_pretrained`) and generates in its own
+- Peak RSS: each side loads from disk (`aligndial.mixed.load_pair`) and generates in its own
   fresh process; the number is VmHWM after generating minus VmHWM after imports.
 """
 
@@ -90,13 +90,13 @@ def peak_rss(kind: str, root: str) -> float:
     """MiB of peak RSS above the post-import baseline: load the pair from disk, generate 32 tokens."""
     code = f"""
 import torch
-from aligndial.pair import RealignedPair
+from aligndial.mixed import load_pair
 from common import prompt_ids
 torch.set_num_threads(2)
 hwm = lambda: int(next(l for l in open("/proc/self/status") if l.startswith("VmHWM")).split()[1])
 base = hwm()
 aligned = {root!r} + ("/lora" if {kind!r} == "lora" else "/merged")
-pair = RealignedPair.from_pretrained({root!r} + "/base", aligned)
+pair = load_pair({root!r} + "/base", aligned)
 with torch.no_grad():
     pair.generate(prompt_ids(), lam=0.5, max_new_tokens=32, min_new_tokens=32, do_sample=False, pad_token_id=0)
 print(type(pair).__name__, (hwm() - base) / 1024)

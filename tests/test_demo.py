@@ -130,7 +130,7 @@ def test_small_build_trains_every_stage_loadably_and_deterministically(tmp_path)
 
 
 def test_demo_shows_a_progress_bar_per_stage(capsys):
-    """`aligndial demo` takes tens of seconds: every stage reports progress on stderr (stdout stays
+    """`aligndial demo` takes more than a couple of seconds: every stage reports progress on stderr (stdout stays
     the report or the JSON)."""
     from aligndial.demo.build import quiet_single_thread
     from aligndial.demo.show import LAMS, STEER_LAMS, run

@@ -10,7 +10,7 @@ import torch
 from transformers import AutoModelForCausalLM, TextIteratorStreamer
 
 from aligndial.adapter import decoder_layers, insert_adapter, merge_adapter, save_adapter
-from aligndial import dualpath
+from aligndial import dualpath, fewrows
 from aligndial.dualpath import DualPathModel
 from aligndial.tiny import build_model, save
 from reference import float64_greedy
@@ -89,7 +89,7 @@ def test_one_forward_of_2b_rows_and_fast_paths(tok):
 
 
 def _wrapped(model) -> set[bool]:
-    return {type(lin) is dualpath._FewRowsLinear for lin in model._plain_linears}
+    return {type(lin) is fewrows.FewRowsLinear for lin in model._plain_linears}
 
 
 def test_few_row_linears_only_in_mixed_dual_forwards(tok, prompts, monkeypatch):
@@ -103,7 +103,7 @@ def test_few_row_linears_only_in_mixed_dual_forwards(tok, prompts, monkeypatch):
     stock = DualPathModel(perturbed("llama", tok))
     stock.generate(**enc, lam=0.5, **kw)
     assert stock._few_rows_decided and _wrapped(stock) == {False}
-    monkeypatch.setattr(dualpath, "few_rows_product", lambda dtype, device: (dualpath._fp32_product, dualpath.SMALL_ROWS))
+    monkeypatch.setattr(dualpath, "few_rows_product", lambda dtype, device: (fewrows._fp32_product, fewrows.SMALL_ROWS))
     fp32 = DualPathModel(perturbed("llama", tok))
     fp32.generate(**enc, lam=1.0, **kw)
     assert not fp32._few_rows_decided and _wrapped(fp32) == {False}
@@ -126,7 +126,7 @@ def test_few_row_choice_is_a_pure_function_of_dtype_device_and_cpu(monkeypatch):
     device, CPU capability), and other devices and non-x86 CPUs always get stock torch."""
     monkeypatch.setattr(time, "perf_counter", lambda: pytest.fail("the few-row choice must not time anything"))
     cpu, meta = torch.device("cpu"), torch.device("meta")
-    choice = lambda dtype, device=cpu: dualpath.few_rows_product(dtype, device)  # noqa: E731
+    choice = lambda dtype, device=cpu: fewrows.few_rows_product(dtype, device)  # noqa: E731
     assert choice(torch.float32) == choice(torch.float32)
     for dtype in (torch.float32, torch.bfloat16, torch.float16):
         assert choice(dtype, meta) is None  # any other device: stock
@@ -134,8 +134,8 @@ def test_few_row_choice_is_a_pure_function_of_dtype_device_and_cpu(monkeypatch):
     monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX512")
     assert choice(torch.float32) is None  # slower than stock on the AVX-512 CPU measured
     monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX2")
-    assert choice(torch.float32) == (dualpath._fp32_product, dualpath.SMALL_ROWS)
-    monkeypatch.setattr(dualpath.platform, "machine", lambda: "aarch64")
+    assert choice(torch.float32) == (fewrows._fp32_product, fewrows.SMALL_ROWS)
+    monkeypatch.setattr(fewrows.platform, "machine", lambda: "aarch64")
     assert choice(torch.float32) is None and choice(torch.bfloat16) is None
     monkeypatch.undo()
     monkeypatch.setenv("ALIGNDIAL_KERNELS", "0")
@@ -154,11 +154,11 @@ def test_greedy_tokens_are_the_same_run_to_run_and_with_either_choice(tok, promp
 
     first = run()
     assert torch.equal(run(), first)
-    native = dualpath.few_rows_product(dtype, torch.device("cpu"))
+    native = fewrows.few_rows_product(dtype, torch.device("cpu"))
     monkeypatch.setattr(dualpath, "few_rows_product", lambda d, device: None)
     assert torch.equal(run(), first)
     if native is None:
-        monkeypatch.setattr(dualpath, "few_rows_product", lambda d, device: (dualpath._fp32_product, dualpath.SMALL_ROWS) if d == torch.float32 else None)
+        monkeypatch.setattr(dualpath, "few_rows_product", lambda d, device: (fewrows._fp32_product, fewrows.SMALL_ROWS) if d == torch.float32 else None)
     else:
         monkeypatch.setattr(dualpath, "few_rows_product", lambda d, device: native)
     assert torch.equal(run(), first)

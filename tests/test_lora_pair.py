@@ -14,7 +14,9 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from transformers import AutoModelForCausalLM
 
 from aligndial.cli import main
-from aligndial.lora_pair import LoraPair, LoraPairCache, is_lora_dir
+from aligndial.lora_pair import LoraPair, LoraPairCache
+from aligndial.mixed import load_pair
+from aligndial.peft_dirs import is_lora_dir
 from aligndial.pair import RealignedPair
 from aligndial.tiny import build_model, build_tokenizer, save
 
@@ -92,21 +94,29 @@ def qwen3_lora(replicas, tmp_path_factory):
     return base, make_lora(base, root / "linear", seed=3), make_lora(base, root / "head", seed=4, targets=targets)
 
 
-def test_from_pretrained_gives_one_base_model_with_the_adapter(llama_lora, tok):
+def test_load_pair_gives_one_base_model_with_the_adapter(llama_lora, tok):
     base, (a, _) = llama_lora
     assert is_lora_dir(a) and not is_lora_dir(base)
-    pair = RealignedPair.from_pretrained(base, a)
+    pair = load_pair(base, a)
     assert isinstance(pair, LoraPair) and pair.n_aligned == 1
     n_base = sum(p.numel() for p in plain(base).parameters())
     n_pair = sum(p.numel() for p in pair.parameters())
     assert n_base < n_pair < 1.2 * n_base  # one model plus the low-rank factors, not two models
 
 
+def test_realigned_pair_from_pretrained_returns_a_realigned_pair_only(llama_lora):
+    """`RealignedPair.from_pretrained` returns the type it names: LoRA directories go to `load_pair`,
+    which says it returns either. Before: it returned a LoraPair, not a subclass."""
+    base, (a, _) = llama_lora
+    with pytest.raises(ValueError, match="load_pair"):
+        RealignedPair.from_pretrained(base, a)
+
+
 def test_llama_equals_merged_full_pair(llama_lora, tok, prompts):
     base, (a, _) = llama_lora
     enc = tok(prompts, return_tensors="pt", padding=True)  # batch 3, left padding
     assert enc["attention_mask"].min() == 0
-    assert_equals_full_pair(RealignedPair.from_pretrained(base, a), full_pair(base, [a], tok), enc, LAMS)
+    assert_equals_full_pair(load_pair(base, a), full_pair(base, [a], tok), enc, LAMS)
 
 
 def test_lora_changes_the_model(llama_lora, tok, prompts):
@@ -168,7 +178,7 @@ def test_row_routing_equals_peft_mixed_adapter_batches(llama_lora, tok, prompts,
 
 def test_qwen3_replica_equals_merged_full_pair(qwen3_lora, prompts):
     base, linear, _ = qwen3_lora
-    lora = RealignedPair.from_pretrained(base, linear)
+    lora = load_pair(base, linear)
     assert isinstance(lora, LoraPair) and lora.mix_before_head
     enc = lora.tokenizer(prompts, return_tensors="pt", padding=True)
     assert_equals_full_pair(lora, full_pair(base, [linear], lora.tokenizer), enc, LAMS, new_tokens=8)
@@ -197,7 +207,7 @@ def test_adapter_trained_by_train_dpo_lora_rank(model_dirs, tok, prompts, tmp_pa
     assert code == 0, capsys.readouterr().err
     config = json.loads((out / "adapter_config.json").read_text())
     assert config["peft_type"] == "LORA" and config["r"] == 8 and (out / "adapter_model.safetensors").is_file()
-    lora = RealignedPair.from_pretrained(base, str(out))
+    lora = load_pair(base, str(out))
     assert isinstance(lora, LoraPair)
     trained = [p for n, p in lora.named_parameters() if "lora_B" in n]
     assert trained and any(p.abs().max() > 0 for p in trained)  # B moved away from PEFT's zero init
@@ -262,7 +272,7 @@ def test_server_one_prompt_at_two_lam(llama_lora, tok):
     from test_serve import NAME, Server
 
     base, (a, _) = llama_lora
-    lora = RealignedPair.from_pretrained(base, a)
+    lora = load_pair(base, a)
     full = full_pair(base, [a], tok)
     enc = tok(["The quick brown fox"], return_tensors="pt")
     with Server(HFEngine(lora, lora.tokenizer, 1, max_concurrency=4, max_queue=4)) as server:

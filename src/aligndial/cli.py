@@ -46,20 +46,13 @@ def _read_prompts(args) -> list:
 
 
 def cmd_generate(args) -> int:
-    from aligndial.engines import Settings, check_args, load_engine
+    from aligndial.engines import Settings, load_engine
     from aligndial.generation import render_prompts
-    from aligndial.vllm.run import export_n_aligned
 
     prompts = _read_prompts(args)
-    check_models(args)  # every flag and file is checked before a model loads
-    check_args(args)
-    n_aligned = flags_n_aligned(args) or export_n_aligned(args.model or "")  # a vLLM export mixes its own
-    lams = _lams(args, n_aligned)
+    check_models(args)  # every flag and file is checked before a model loads (the engine's flags: load_engine)
+    lams = _lams(args, flags_n_aligned(args))
     think = None if args.think_lam is None else check_lam(args.think_lam, "--think-lam")
-    if think is not None and n_aligned != 1:
-        raise ValueError("`--think-lam` needs a mix with a single aligned model (`--aligned` or `--adapter`)")
-    if args.num_beams < 1 or args.max_new_tokens < 1:
-        raise ValueError(f"`--num-beams` and `--max-new-tokens` must be ≥ 1; got {args.num_beams}, {args.max_new_tokens}")
     engine = load_engine(args, default_lam=lams[0])
     try:
         texts = render_prompts(engine.tokenizer, prompts, args.chat)
@@ -156,13 +149,13 @@ def cmd_adapter_merge(args) -> int:
 def cmd_export_vllm(args) -> int:
     """A DeRa pair (ref + aligned models) as one directory for `vllm serve`."""
     from aligndial.loading import load_causal_lm, load_tokenizer
-    from aligndial.pair import check_tokenizers
+    from aligndial.vocab import check_tokenizers
     from aligndial.vllm.export import export_pair
 
     check_model("--ref", args.ref)
     for name in args.aligned:
         check_model("--aligned", name)
-    from aligndial.lora_pair import refuse_vllm
+    from aligndial.peft_dirs import refuse_vllm
 
     refuse_vllm(args.aligned)  # vLLM cannot run a LoRA-aligned pair (docs/lora.md)
     if args.default_lam is not None:
@@ -235,15 +228,14 @@ def served_model_name(args) -> str:
 
 
 def cmd_serve(args) -> int:
-    from aligndial.engines import serve
-    from aligndial.serve import settings_from_args
+    from aligndial.serve import serve_from_args, settings_from_args
 
     check_models(args)
     settings = settings_from_args(args)  # every flag is checked before a model loads
     settings.model_name = served_model_name(args)
     if settings.keys is not None:
         settings.keys.set_served([settings.model_name])  # each key's `models` must be served ids
-    return serve(args, settings)
+    return serve_from_args(args, settings)
 
 
 def cmd_keys(args) -> int:
@@ -273,7 +265,7 @@ def cmd_keys(args) -> int:
 
 
 def cmd_sweep(args) -> int:
-    from aligndial.engines import check_args, load_engine
+    from aligndial.engines import load_engine
     from aligndial.evaluate import config_from_args, main as sweep_main
 
     n_aligned = flags_n_aligned(args)  # every flag and input file is checked before a model loads
@@ -282,8 +274,7 @@ def cmd_sweep(args) -> int:
         raise ValueError("`aligndial sweep` needs one mix with a single aligned model: "
                          "`--ref R --aligned A` or `--model M --adapter A`")
     check_models(args)
-    check_args(args)
-    engine = load_engine(args)
+    engine = load_engine(args)  # checks the engine's flags first
     try:
         return sweep_main(args, config, engine, engine.tokenizer)
     finally:
@@ -521,8 +512,8 @@ def make_parser() -> argparse.ArgumentParser:
     le.set_defaults(func=cmd_lm_eval, takes_rest=True)
 
     d = sub.add_parser("demo", help="the embedded demo: alignment strength as a dial on tiny models",
-                       description="`aligndial demo` sweeps λ on the bundled models (under a minute); "
-                                   "`aligndial demo build` trains them from scratch (about 16 minutes on 2 cores).")
+                       description="`aligndial demo` sweeps λ on the bundled models (no training); "
+                                   "`aligndial demo build` trains them from scratch (minutes: docs/benchmarks.md).")
     d.add_argument("action", nargs="?", choices=["build", "tour"],
                    help="build: train the demo models from scratch; tour: write the README tour's models and files")
     d.add_argument("--models", help="a bundle directory written by `demo build --out` (default: the bundled one)")

@@ -12,6 +12,8 @@ import json
 import os
 from pathlib import Path
 
+from aligndial.peft_dirs import adapter_kind
+
 
 def looks_local(name: str) -> bool:
     """Whether a model name can only mean a local directory (a hub id is `name` or `org/name`)."""
@@ -24,7 +26,7 @@ def check_model(flag: str, name: str | None) -> None:
         return
     path = Path(name).expanduser()
     if path.is_dir():
-        if flag == "--aligned" and peft_type(path) is not None:
+        if flag == "--aligned" and adapter_kind(path) is not None:
             return  # a PEFT adapter as the aligned model: the pair loads it on `--ref`
         if not (path / "config.json").is_file():
             hint = " (it is a layer adapter: pass it as `--adapter`)" if (path / "adapter_config.json").is_file() else ""
@@ -34,15 +36,6 @@ def check_model(flag: str, name: str | None) -> None:
         raise ValueError(f"`{flag} {name}`: not a directory; give a model directory or a hub id")
     if looks_local(name):
         raise FileNotFoundError(f"`{flag} {name}`: no such directory")
-
-
-def peft_type(path: str | Path) -> str | None:
-    """The `peft_type` of a PEFT adapter directory (LORA, ...), None for anything else."""
-    config = Path(path) / "adapter_config.json"
-    try:
-        return json.loads(config.read_text()).get("peft_type")
-    except (OSError, ValueError, AttributeError):
-        return None
 
 
 def check_adapter(name: str | None, base: str | None = None) -> None:
@@ -55,7 +48,7 @@ def check_adapter(name: str | None, base: str | None = None) -> None:
                                 " or `aligndial train dpo|sft`")
     if not (path / "adapter_config.json").is_file():
         raise ValueError(f"`--adapter {name}`: holds no adapter_config.json, so it is not an adapter directory")
-    kind = peft_type(path)
+    kind = adapter_kind(path)
     if kind is not None:
         raise ValueError(f"`--adapter {name}` is a PEFT {kind} adapter, not an aligndial layer adapter; pass it as "
                          f"`--ref {base or 'BASE'} --aligned {name}` (the base model with the adapter as the aligned model)")
@@ -84,9 +77,18 @@ def check_prompts(prompts: list, chat: bool, where: str) -> None:
                              "renders it); add `--chat` or give `prompt` strings")
 
 
+def export_n_aligned(model: str) -> int:
+    """Aligned models in an aligndial vLLM export (`--model DIR`, its config.json); 0 for any other model."""
+    config = Path(model) / "config.json"
+    spec = json.loads(config.read_text()).get("aligndial") if config.is_file() else None
+    return len(spec["default_lam"]) if spec else 0
+
+
 def n_aligned(args) -> int:
-    """Aligned sources of the model flags, read from the flags alone: K for `--ref R --aligned A…`,
-    1 for `--model M --adapter A`, 0 for a plain `--model M`."""
+    """Aligned sources of the model flags, read from the flags and at most a config.json: K for
+    `--ref R --aligned A…`, 1 for `--model M --adapter A`, for a plain `--model M` the K of an
+    aligndial vLLM export (which mixes its own) and 0 for any other model. The one home of the
+    model flags' combination check."""
     if getattr(args, "ref", None) and getattr(args, "model", None):
         raise ValueError("Can't provide both `--ref` and `--model`. Choose one.")
     if getattr(args, "ref", None):
@@ -97,7 +99,24 @@ def n_aligned(args) -> int:
         raise ValueError("give `--ref R --aligned A` (DeRa pair) or `--model M [--adapter A]`")
     if getattr(args, "aligned", None):
         raise ValueError("`--aligned` goes with `--ref`, not `--model`")
-    return 1 if getattr(args, "adapter", None) else 0
+    return 1 if getattr(args, "adapter", None) else export_n_aligned(args.model)
+
+
+def check_settings(engine: str, settings, n_aligned: int | None = None) -> None:
+    """The refusals of generation settings (`aligndial.engines.Settings`, or a verb's `args`, which
+    use the same names), in one home: from the flags before a model loads
+    (`aligndial.engines.check_args`) and in each engine's `rows`."""
+    num_beams, think = getattr(settings, "num_beams", 1), getattr(settings, "think_lam", None)
+    max_new_tokens = getattr(settings, "max_new_tokens", 1)
+    if num_beams < 1 or max_new_tokens < 1:
+        raise ValueError(f"`--num-beams` and `--max-new-tokens` must be ≥ 1; got {num_beams}, {max_new_tokens}")
+    if engine == "vllm" and num_beams != 1:
+        raise ValueError("`--num-beams` is not supported with `--engine vllm`; use `--engine hf`")
+    if engine == "vllm" and think is not None:
+        raise ValueError("`--think-lam` (λ changing inside a response) is not supported with `--engine vllm`; "
+                         "use `--engine hf`")
+    if think is not None and n_aligned is not None and n_aligned != 1:
+        raise ValueError("`--think-lam` needs a mix with a single aligned model (`--aligned` or `--adapter`)")
 
 
 def check_models(args) -> None:

@@ -16,40 +16,23 @@ Both mixes go through `aligndial.mixing`. Fast paths: λ=0 in every row skips th
 
 from __future__ import annotations
 
-import platform
-from collections.abc import Callable
-
 import torch
-import torch.nn.functional as F
 from transformers import DynamicCache
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from aligndial.adapter import decoder_layers, load_adapter
 from aligndial.generation import MixedLM
-from aligndial.kernels import MAX_ROWS, few_rows_bf16, kernels_enabled
+from aligndial.fewrows import FewRowsLinear, Router, few_rows_product, install_few_rows_linear
 from aligndial.mixing import LamLike, active_sources, mix_hidden, mix_logits
 
 # Decoder layers that return (hidden_states, attn_weights) instead of a tensor (transformers 5.x).
 _TUPLE_LAYERS = {"falcon"}
 
 
-class _Router:
-    """Which rows the adapter layers transform in the current forward of one model.
-
-    One per model instance, kept on the model (`model._aligndial_router`) and on every module
-    that reads it: two DualPathModels over one model share it, and `copy.deepcopy` of either
-    copies it once, with the modules that read it."""
-
-    def __init__(self, returns_tuple: bool):
-        self.mode = "all"  # "all" rows, "skip" the adapter, or "dual": only rows [batch, 2·batch)
-        self.batch = 0
-        self.returns_tuple = returns_tuple
-
-
-def _router_of(model) -> _Router:
+def _router_of(model) -> Router:
     router = model.__dict__.get("_aligndial_router")
     if router is None:
-        router = _Router(model.config.model_type in _TUPLE_LAYERS)
+        router = Router(model.config.model_type in _TUPLE_LAYERS)
         model._aligndial_router = router  # a plain attribute: not a parameter, not saved
     return router
 
@@ -100,65 +83,6 @@ def _routed_class(cls: type) -> type:
     return _ROUTED[cls]
 
 
-# A decode step of the dual path multiplies each shared weight by 2B rows. On some CPUs stock
-# F.linear pays nearly once per row for a few rows, and another form costs about one row's:
-# - fp32 on x86 CPUs whose best torch kernels are AVX2 (the AMD EPYC machines we measured):
-#   W @ xᵀ with a row-contiguous x. On an AVX-512 CPU (Intel Sapphire Rapids) the same form
-#   was slower than stock, so there stock stays;
-# - bf16 on x86 with AVX2 (see aligndial.kernels): our kernel, which widens each weight once for
-#   all rows (or uses AVX512-BF16 where the CPU has it).
-# Measurements: benchmarks/dualpath_speed.py and docs/benchmarks.md ("Dual path").
-#
-# The choice is a pure function of (dtype, device, CPU), never a timing: the forms differ in
-# float32 rounding, and a choice made by a timing race made the same greedy command give
-# different tokens at near-ties from one run to the next. Used only in the dual forward on CPU:
-# the λ=0 / λ=1 fast paths and every other device stay stock, bit-exact with plain transformers.
-SMALL_ROWS = 8  # fp32: above this many rows stock GEMM is efficient again
-
-
-def _fp32_product(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    return (w @ x.T).T
-
-
-def few_rows_product(dtype: torch.dtype, device: torch.device) -> tuple[Callable, int] | None:
-    """The few-row form `(f(x, w) -> x @ w.T, max rows)` the dual path uses for weights of
-    `dtype` computing on `device`, or None for stock F.linear. Depends only on its arguments and
-    this CPU (ALIGNDIAL_KERNELS=0 turns every form off)."""
-    if device.type != "cpu" or not kernels_enabled() or platform.machine() not in ("x86_64", "AMD64"):
-        return None
-    if dtype == torch.float32:
-        return (_fp32_product, SMALL_ROWS) if torch.backends.cpu.get_cpu_capability() == "AVX2" else None
-    if dtype == torch.bfloat16:
-        kernel = few_rows_bf16()
-        return None if kernel is None else (kernel, MAX_ROWS)
-    return None
-
-
-class _FewRowsLinear(torch.nn.Linear):
-    """An nn.Linear that, in the dual path's mixed-λ forward on a few CPU rows of its dtype,
-    computes with the few-row product; stock F.linear otherwise (a model cast to another dtype
-    or moved off the CPU after installing steps aside). State is per instance, so copies and
-    re-wrapped models stay correct."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # ~60 calls per decode step: plain __dict__ lookups and identity checks only.
-        w, bias = self._parameters["weight"], self._parameters["bias"]
-        dtype = self._aligndial_dtype
-        if (
-            self._aligndial_router.mode != "dual" or x.numel() > self._aligndial_max_numel
-            or x.dtype is not dtype or w.dtype is not dtype or not x.is_cpu
-        ):
-            return F.linear(x, w, bias)
-        y = self._aligndial_product(x.reshape(-1, x.shape[-1]).contiguous(), w).view(*x.shape[:-1], self.out_features)
-        return y if bias is None else y + bias
-
-
-def _install_few_rows_linear(linear: torch.nn.Linear, router: _Router, product, max_rows: int, dtype) -> None:
-    linear.__class__ = _FewRowsLinear
-    linear._aligndial_router, linear._aligndial_product, linear._aligndial_dtype = router, product, dtype
-    linear._aligndial_max_numel = max_rows * linear.in_features
-
-
 class DualPathCache(DynamicCache):
     """A DynamicCache whose first n layers (the adapter) may hold only the aligned rows, or
     nothing at all on the λ=0 path. Lengths and mask sizes are read from the first shared layer,
@@ -207,7 +131,7 @@ class DualPathModel(MixedLM):
         # Exactly nn.Linear: subclasses (our LoRALinear) add terms the few-row shortcut would drop.
         # The shortcut is installed at the first mixed-λ forward, so other models never pay for
         # the wrapper calls (60+ per decode step), and the bf16 kernel is built only when first needed.
-        self._plain_linears = [m for m in decoder_layers(model).modules() if type(m) in (torch.nn.Linear, _FewRowsLinear)]
+        self._plain_linears = [m for m in decoder_layers(model).modules() if type(m) in (torch.nn.Linear, FewRowsLinear)]
         self._few_rows_decided = False
         # Mixing hidden states before the head is exact only for a plain linear head.
         self.mix_before_head = getattr(model.config, "final_logit_softcapping", None) is None and isinstance(
@@ -226,7 +150,7 @@ class DualPathModel(MixedLM):
             return
         for module in self._plain_linears:
             if module.weight.dtype is dtype and module.weight.is_contiguous():
-                _install_few_rows_linear(module, self._router, *choice, dtype)
+                install_few_rows_linear(module, self._router, *choice, dtype)
 
     @classmethod
     def from_adapter(cls, model, adapter_dir: str, allow_pickle: bool = False) -> "DualPathModel":

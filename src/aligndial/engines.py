@@ -7,7 +7,7 @@
 A row is {"text", "token_ids" (generated ids, up to and including EOS), "tokens_per_second"},
 the same contract from both engines; greedy rows are equal token for token (tests/test_vllm_*).
 
-- `hf` (`TransformersEngine`): the mixed model of `aligndial.pair` / `aligndial.dualpath`; the rows
+- `hf` (`TransformersEngine`): the mixed model `aligndial.mixed.load_mixed` picks; the rows
   of a call with one λ are one `generate` (`aligndial.generation.generate_rows`).
 - `vllm` (`aligndial.vllm.run.VLLMBatchEngine`): the model flags exported to a directory vLLM loads,
   and every (text, λ) of a call one request of one vLLM batch. Prefix caching shares a prompt's
@@ -15,8 +15,8 @@ the same contract from both engines; greedy rows are equal token for token (test
 
 `engine.scorer()` is the transformers mixed model that scores rows (KL, pairwise accuracy need
 the full next-token distribution of both paths, which vLLM does not return): the model itself on
-`hf`, loaded on first use on `vllm`. `serve(args, settings)` picks the server's engine the same way.
-Beyond `load_engine` / `serve`, no caller looks at `--engine`.
+`hf`, loaded on first use on `vllm`. `aligndial.serve.serve(args, settings)` picks the server's engine
+with the same `check_args`. Beyond `load_engine` and that, no caller looks at `--engine`.
 """
 
 from __future__ import annotations
@@ -24,6 +24,8 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from typing import Protocol
+
+from aligndial.cliargs import check_settings, n_aligned
 
 ENGINES = ("hf", "vllm")
 
@@ -60,35 +62,6 @@ class Engine(Protocol):
     def close(self) -> None: ...
 
 
-def load_hf(args):
-    """(model, tokenizer, n_aligned) on transformers for the model flags in `args`; n_aligned 0 is a plain model."""
-    from aligndial.loading import device_maps_from_flags, load_causal_lm, load_tokenizer
-
-    if args.ref and args.model:
-        raise ValueError("Can't provide both `--ref` and `--model`. Choose one.")
-    if args.ref:
-        if not args.aligned:
-            raise ValueError("`--ref` needs at least one `--aligned` model")
-        from aligndial.pair import RealignedPair
-
-        device_map = device_maps_from_flags(getattr(args, "device_map", None), 1 + len(args.aligned))
-        pair = RealignedPair.from_pretrained(args.ref, args.aligned, args.dtype, getattr(args, "device", None),
-                                             args.trust_remote_code, device_map=device_map)
-        return pair, pair.tokenizer, len(args.aligned)
-    if not args.model:
-        raise ValueError("give `--ref R --aligned A` (DeRa pair) or `--model M [--adapter A]`")
-    if args.aligned:
-        raise ValueError("`--aligned` goes with `--ref`, not `--model`")
-    tok = load_tokenizer(args.model, args.trust_remote_code)
-    model = load_causal_lm(args.model, args.dtype, getattr(args, "device", None), args.trust_remote_code,
-                           device_map=device_maps_from_flags(getattr(args, "device_map", None), 1))
-    if getattr(args, "adapter", None):
-        from aligndial.dualpath import DualPathModel
-
-        return DualPathModel.from_adapter(model, args.adapter), tok, 1
-    return model, tok, 0
-
-
 class TransformersEngine:
     """The `hf` engine: rows from `aligndial.generation.generate_rows` on a mixed model."""
 
@@ -100,8 +73,7 @@ class TransformersEngine:
     def rows(self, texts: list[str], lams: list, settings: Settings) -> list[dict]:
         """One `generate` per distinct λ, over the rows with that λ. (One call with a per-row λ would
         also mix exactly, but a pair stops every row at the EOS of any member some row runs.)"""
-        if settings.think_lam is not None and self.n_aligned != 1:
-            raise ValueError("`--think-lam` needs a mix with a single aligned model (`--aligned` or `--adapter`)")
+        check_settings(self.name, settings, self.n_aligned)
         keys = [json.dumps(lam) for lam in lams]
         out: list = [None] * len(texts)
         for key in dict.fromkeys(keys):
@@ -143,16 +115,11 @@ def check_args(args) -> str:
     engine = getattr(args, "engine", "hf") or "hf"
     tp = getattr(args, "tensor_parallel_size", None)
     if engine == "vllm":
-        from aligndial.lora_pair import refuse_vllm
+        from aligndial.peft_dirs import refuse_vllm
         from aligndial.vllm.run import check_installed
 
         refuse_vllm(getattr(args, "aligned", None))  # a LoRA-aligned pair runs on hf only (docs/lora.md)
         check_installed(args)
-        if getattr(args, "num_beams", 1) != 1:
-            raise ValueError("`--num-beams` is not supported with `--engine vllm`; use `--engine hf`")
-        if getattr(args, "think_lam", None) is not None:
-            raise ValueError("`--think-lam` (λ changing inside a response) is not supported with `--engine vllm`; "
-                             "use `--engine hf`")
         if tp is not None and tp < 1:
             raise ValueError(f"`--tensor-parallel-size` must be ≥ 1; got {tp}")
     elif tp not in (None, 1):
@@ -160,23 +127,19 @@ def check_args(args) -> str:
     elif getattr(args, "enforce_eager", False):
         raise ValueError("`--enforce-eager` applies to `--engine vllm` (it skips vLLM's compilation); the hf engine "
                          "never compiles")
+    check_settings(engine, args, n_aligned(args))
     return engine
 
 
 def load_engine(args, default_lam=None) -> Engine:
-    """The engine for a verb's model flags. `default_lam` is what a vLLM export uses for requests
-    without λ (needed with several aligned models; every row of `rows` gives its own λ)."""
+    """The engine for a verb's model flags, checked first (`check_args`: verbs call nothing else).
+    `default_lam` is what a vLLM export uses for requests without λ (needed with several aligned
+    models; every row of `rows` gives its own λ)."""
     if check_args(args) == "vllm":
         from aligndial.vllm.run import VLLMBatchEngine
 
         return VLLMBatchEngine.from_args(args, default_lam)
-    return TransformersEngine(*load_hf(args))
+    from aligndial.mixed import load_mixed
 
+    return TransformersEngine(*load_mixed(args))
 
-def serve(args, settings) -> int:
-    """`aligndial serve` on the engine `args` choose (the same app, routes and validation on both)."""
-    from aligndial.serve import run, run_vllm
-
-    if check_args(args) == "vllm":
-        return run_vllm(args, settings)
-    return run(*load_hf(args), settings)

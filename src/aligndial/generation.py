@@ -43,6 +43,8 @@ class MixedLM(PreTrainedModel, GenerationMixin):
         raise NotImplementedError
 
     # generate() asks for a cache here; we hand it the subclass's own (per-member / 2B-row) cache.
+    # A private transformers hook: a PairCache is no transformers `Cache`, so it cannot go in as
+    # `past_key_values`. tests/test_upstream.py fails, naming the change, if transformers moves it.
     def _prepare_cache_for_generation(self, generation_config, model_kwargs, *args, **kwargs):
         if model_kwargs.get("past_key_values") is None and generation_config.use_cache is not False:
             model_kwargs["past_key_values"] = self.new_cache()

@@ -13,7 +13,7 @@ import torch
 
 from aligndial.loading import load_causal_lm, load_tokenizer
 from aligndial.mixing import check_lam, mix_weights
-from aligndial.pair import check_tokenizers
+from aligndial.vocab import check_tokenizers
 
 
 def interpolate(ref: str, aligned: str, lam: float, out: str | Path, dtype=None, trust_remote_code=False) -> Path:

@@ -1,14 +1,15 @@
 """Our one compiled kernel: a bf16 product for a few rows (the dual path's decode shape).
 
 The dual path multiplies every shared weight by 2B rows at each decode step, and stock torch
-is slow at that shape on the x86 CPUs we measured (see `csrc/few_rows_bf16.cpp`): without
-native bf16 (AMD Zen 3) the second row costs nearly as much as the first; with it (Intel
-Sapphire Rapids) oneDNN's 1-2 row product took 2-5x what the kernel's AVX512-BF16 loop does.
+is slow at that shape on the x86 CPUs we measured (see `csrc/few_rows_bf16.cpp`; the numbers
+are in docs/benchmarks.md, "Dual path"): without native bf16 (AMD Zen 3) the second row costs
+nearly as much as the first; with it (Intel Sapphire Rapids) oneDNN's 1-2 row product took
+several times what the kernel's AVX512-BF16 loop does.
 The dual path uses it for bf16 on x86 CPUs with AVX2 (`aligndial.dualpath.few_rows_product`,
 a fixed rule, never a timing, so results do not depend on machine load).
 
-It is compiled on first use with torch's C++ extension builder (gcc + ninja; about a minute,
-once per machine, cached in torch's extensions directory). Set ALIGNDIAL_KERNELS=0 to use
+It is compiled on first use with torch's C++ extension builder (gcc + ninja; once per machine,
+cached in torch's extensions directory; build time in docs/benchmarks.md). Set ALIGNDIAL_KERNELS=0 to use
 torch's GEMM instead. If the build fails, a warning says why and torch's GEMM is used. A build
 interrupted by Ctrl-C leaves torch's `lock` file behind; the next build removes it (`_exclusive`).
 """
@@ -49,7 +50,7 @@ def few_rows_bf16() -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | No
 
 
 # How long a run waits for another process that is building the kernel before it gives up and
-# uses torch's GEMM (a build takes about a minute; this is generous for a loaded machine).
+# uses torch's GEMM: many times a build's time (docs/benchmarks.md), generous for a loaded machine.
 BUILD_WAIT_SECONDS = 600.0
 NAME = "aligndial_few_rows_bf16"
 

@@ -49,9 +49,9 @@ class AligndialLM(HFLM):
             eval_logger.warning("CUDA is not available; running on the CPU (pass --device to choose)")
             device = "cpu"
         if ref:
-            from aligndial.pair import RealignedPair
+            from aligndial.mixed import load_pair
 
-            mixed = RealignedPair.from_pretrained(ref, aligned, dtype, device, trust_remote_code)
+            mixed = load_pair(ref, aligned, dtype, device, trust_remote_code)
             tokenizer = mixed.tokenizer
         else:
             from aligndial.dualpath import DualPathModel

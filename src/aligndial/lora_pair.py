@@ -24,7 +24,6 @@ Weak-to-strong steering (proxy-tuning / EFT) is the full-model pair with K=2 and
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
@@ -33,55 +32,14 @@ from transformers import DynamicCache
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from aligndial.generation import MixedLM
+from aligndial.fewrows import Router, few_rows_product, install_few_rows_linear
 from aligndial.loading import load_causal_lm, load_tokenizer
 from aligndial.mixing import LamLike, active_sources, mix_hidden, mix_logits
+from aligndial.peft_dirs import check_lora_dir, lora_base
+from aligndial.vocab import check_tokenizers
 
-ADAPTER_CONFIG = "adapter_config.json"
-ADAPTER_WEIGHTS = "adapter_model.safetensors"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
 ROUTINGS = ("rows", "peft")
-
-VLLM_REFUSAL = (
-    "a LoRA adapter as `--aligned` runs only on the transformers engine: vLLM applies one LoRA to all of a "
-    "request's tokens, and DeRa needs the same request's reference rows (adapter off) and aligned rows (adapter "
-    "on) in one step. Drop `--engine vllm`, or merge the adapter into a full model (PEFT's merge_and_unload) and "
-    "pass that as `--aligned`."
-)
-
-
-def adapter_kind(path: str | Path) -> str | None:
-    """The `peft_type` of a PEFT adapter directory ("LORA", ...), None if `path` is not one."""
-    config = Path(path).expanduser() / ADAPTER_CONFIG
-    try:
-        return json.loads(config.read_text()).get("peft_type")
-    except (OSError, ValueError, AttributeError):
-        return None
-
-
-def is_lora_dir(path) -> bool:
-    return isinstance(path, (str, Path)) and adapter_kind(path) == "LORA"
-
-
-def lora_base(path: str | Path) -> str | None:
-    """`base_model_name_or_path` recorded in a PEFT adapter directory."""
-    return json.loads((Path(path).expanduser() / ADAPTER_CONFIG).read_text()).get("base_model_name_or_path")
-
-
-def check_lora_dir(path: str) -> None:
-    """A LoRA adapter directory we can load: peft_type LORA, safetensors weights (never pickle)."""
-    kind = adapter_kind(path)
-    if kind != "LORA":
-        raise ValueError(f"`--aligned {path}` is a PEFT {kind} adapter; only LoRA adapters can be mixed in one model. "
-                         "Merge it into a full model and pass that as `--aligned`.")
-    if not (Path(path).expanduser() / ADAPTER_WEIGHTS).is_file():
-        raise OSError(f"{path}: no {ADAPTER_WEIGHTS}. aligndial never unpickles weights; re-save the adapter with "
-                      "`model.save_pretrained(dir)` (PEFT writes safetensors by default).")
-
-
-def refuse_vllm(aligned) -> None:
-    """vLLM cannot serve a LoRA-aligned pair (see VLLM_REFUSAL and docs/lora.md)."""
-    if any(is_lora_dir(a) for a in aligned or []):
-        raise ValueError(VLLM_REFUSAL)
 
 
 class LoraPairCache(DynamicCache):
@@ -200,7 +158,7 @@ class _Source:
 class LoraPair(MixedLM):
     """A base model (the reference) + K LoRA adapters (the aligned models) in one forward.
 
-    >>> pair = LoraPair.from_pretrained("sft-model", "dpo-lora/")      # or RealignedPair.from_pretrained
+    >>> pair = LoraPair.from_pretrained("sft-model", "dpo-lora/")      # or aligndial.mixed.load_pair
     >>> pair.generate(**pair.tokenizer(["Hi"], return_tensors="pt"), lam=0.5, max_new_tokens=20)
 
     `routing` "rows" (default) adds each adapter's term to its contiguous row block; "peft"
@@ -243,8 +201,6 @@ class LoraPair(MixedLM):
                         trust_remote_code: bool = False, routing: str = "rows") -> "LoraPair":
         """`ref` (None: the first adapter's `base_model_name_or_path`) with each LoRA directory of
         `aligned` loaded onto it through PEFT. Tokenizers saved with an adapter must match ref's."""
-        from aligndial.pair import check_tokenizers
-
         aligned = [aligned] if isinstance(aligned, (str, Path)) else list(aligned)
         for path in aligned:
             check_lora_dir(path)
@@ -295,9 +251,7 @@ class LoraPair(MixedLM):
         return cache.sources
 
     def _install_few_rows(self, device: torch.device) -> None:
-        from aligndial.dualpath import _install_few_rows_linear, _Router, few_rows_product
-
-        self._few_rows = _Router(False)
+        self._few_rows = Router(False)
         if not self._plain_linears:
             return
         dtype = self._plain_linears[0].weight.dtype
@@ -306,7 +260,7 @@ class LoraPair(MixedLM):
             return
         for module in self._plain_linears:
             if module.weight.dtype is dtype and module.weight.is_contiguous():
-                _install_few_rows_linear(module, self._few_rows, *choice, dtype)
+                install_few_rows_linear(module, self._few_rows, *choice, dtype)
 
     def forward(
         self,

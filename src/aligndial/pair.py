@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import copy
 import inspect
-import warnings
 
 import torch
 from torch import nn
@@ -31,43 +30,8 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 from aligndial.generation import MixedLM
 from aligndial.loading import load_causal_lm, load_tokenizer
 from aligndial.mixing import LamLike, active_sources, lam_weights, mix_logits
-
-_SPECIAL = ("bos_token", "eos_token", "unk_token", "pad_token")
-# Base and instruct checkpoints of one family differ here (Qwen: EOS <|endoftext|> vs <|im_end|>;
-# Llama 3: <|end_of_text|> vs <|eot_id|>, and the pad token stands in for EOS). These never change
-# what an id means, so they warn; the pair stops on every member's EOS (`eos_token_ids`).
-_WARN_ONLY = ("bos_token", "eos_token", "pad_token")
-
-
-def check_tokenizers(ref_tok, other_tok, ref_name: str = "ref", other_name: str = "aligned") -> None:
-    """Raise ValueError unless the two tokenizers map the same strings to the same ids (token → id
-    over the whole vocabulary, added tokens included), naming the differing tokens. Where only
-    EOS, BOS or pad differ, warn (naming them) instead: prompts are tokenized with the reference's
-    tokenizer, and the pair stops on the union of its members' EOS ids."""
-    ref_vocab, other_vocab = ref_tok.get_vocab(), other_tok.get_vocab()
-    if ref_vocab != other_vocab:
-        only_ref = sorted(set(ref_vocab.items()) - set(other_vocab.items()), key=lambda kv: kv[1])
-        only_other = sorted(set(other_vocab.items()) - set(ref_vocab.items()), key=lambda kv: kv[1])
-        raise ValueError(
-            f"tokenizers of {ref_name} and {other_name} differ: {len(ref_vocab)} vs {len(other_vocab)} tokens; "
-            f"{len(only_ref)} (token, id) pairs only in {ref_name}, e.g. {only_ref[:3]}; "
-            f"{len(only_other)} only in {other_name}, e.g. {only_other[:3]}. "
-            "DeRa mixes logits id by id, so both models must share one tokenizer."
-        )
-    diffs = {}
-    for attr in _SPECIAL:
-        a, b = getattr(ref_tok, attr), getattr(other_tok, attr)
-        if a != b and not (attr == "pad_token" and (a is None or b is None)):
-            diffs[attr] = f"{attr}: {a!r} vs {b!r}"
-    refused = [d for attr, d in diffs.items() if attr not in _WARN_ONLY]
-    if refused:
-        raise ValueError(f"special tokens of {ref_name} and {other_name} differ: {'; '.join(refused)}")
-    if diffs:
-        warnings.warn(
-            f"special tokens of {ref_name} and {other_name} differ: {'; '.join(diffs.values())}. Same vocabulary, so "
-            f"the pair mixes them; prompts use {ref_name}'s tokenizer and generation stops on either model's EOS.",
-            stacklevel=2,
-        )
+from aligndial.peft_dirs import is_lora_dir
+from aligndial.vocab import check_tokenizers
 
 
 def head_width(model) -> int:
@@ -201,25 +165,19 @@ class RealignedPair(MixedLM):
 
     @classmethod
     def from_pretrained(cls, ref: str, aligned: str | list[str], dtype=None, device=None, trust_remote_code=False,
-                        device_map=None):
-        """Each `aligned` is a full model, or every one is a PEFT LoRA directory on `ref`: then the
-        result is a `LoraPair` holding one base model (aligndial.lora_pair).
+                        device_map=None) -> "RealignedPair":
+        """The reference and each `aligned` full model, tokenizers checked alike. LoRA adapter
+        directories as `aligned` make a `LoraPair` instead: load those with
+        `aligndial.mixed.load_pair`, which picks either.
 
         `device_map` goes to each member's `from_pretrained` (accelerate: "auto", a device, or a
         {module: device} dict with "cpu"/"disk" offload): one str/dict for every member, or a
         list with one entry per member, reference first (e.g. ["cuda:0", "cuda:1"], one large
         model per GPU). The mix happens on the reference's output device (`mix_device`)."""
         aligned = [aligned] if isinstance(aligned, str) else list(aligned)
-        from aligndial.lora_pair import LoraPair, is_lora_dir
-
-        lora = [is_lora_dir(a) for a in aligned]
-        if any(lora):
-            if not all(lora):
-                raise ValueError("`--aligned` mixes LoRA adapter directories and full models; give all adapters (one "
-                                 "base model, one forward) or all full models (merge the adapters with PEFT's merge_and_unload)")
-            if device_map is not None:
-                raise ValueError("`device_map` applies to full models; LoRA adapters share their base model's devices")
-            return LoraPair.from_pretrained(ref, aligned, dtype, device, trust_remote_code)
+        if any(is_lora_dir(a) for a in aligned):
+            raise ValueError("`aligned` holds a LoRA adapter directory, which makes a LoraPair, not a RealignedPair; "
+                             "load it with `aligndial.mixed.load_pair(ref, aligned)`")
         ref_tok = load_tokenizer(ref, trust_remote_code)
         for name in aligned:
             check_tokenizers(ref_tok, load_tokenizer(name, trust_remote_code), ref, name)

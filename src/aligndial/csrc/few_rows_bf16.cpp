@@ -3,7 +3,7 @@
 // Why: the dual path's decode step multiplies every shared weight by 2B rows (B = batch), and
 // stock torch is slow at that shape on the CPUs we measured (benchmarks/dualpath_speed.py):
 // - without native bf16 (AMD Zen 3), its GEMM widens W to float32 once per row, so 2 rows cost
-//   ~1.8x one row. Here each W element is loaded and widened once and used for every row;
+//   nearly twice one row (docs/benchmarks.md). Here each W element is loaded and widened once and used for every row;
 // - with native bf16 (Intel Sapphire Rapids, AVX512-BF16 + AMX), oneDNN's product for 1-2 rows
 //   took several times what this file's AVX512-BF16 loop does (docs/benchmarks.md).
 // The AVX512-BF16 loop is chosen at run time where the CPU has it (`vdpbf16ps`: bf16 pairs

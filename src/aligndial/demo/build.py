@@ -130,7 +130,7 @@ def make_data(work: Path, cfg: BuildConfig, seed: int) -> dict[str, str]:
 
 
 def trainer_args(out: Path, seed: int, **kw) -> dict:
-    """What every stage shares: seeded, no checkpoints (nothing resumes a 5-minute run), quiet."""
+    """What every stage shares: seeded, no checkpoints (nothing resumes a run of minutes), quiet."""
     return dict(output_dir=str(out), seed=seed, data_seed=seed, save_strategy="no", disable_tqdm=True,
                 logging_steps=25, lr_scheduler_type="cosine", warmup_steps=0.05, max_length=128, **kw)
 
@@ -223,7 +223,7 @@ def check_bundle(root: Path) -> dict:
     if not manifest_path.is_file():
         raise FileNotFoundError(
             f"no demo models in {root} (manifest.json is missing). Build them with `aligndial demo build"
-            f"{'' if root == BUNDLE else f' --out {root}'}` (about 16 minutes on 2 cores), then run `aligndial demo` again."
+            f"{'' if root == BUNDLE else f' --out {root}'}` (it takes minutes; docs/benchmarks.md), then run `aligndial demo` again."
         )
     manifest = json.loads(manifest_path.read_text())
     found = file_table(root)

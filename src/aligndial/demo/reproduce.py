@@ -1,6 +1,6 @@
 """Reproduce the papers' claims on the demo task; writes docs/reproduction.md and its plots.
 
-    python -m aligndial.demo.reproduce                         # ~20 min (one thread), from scratch
+    python -m aligndial.demo.reproduce                         # from scratch, one thread (time: docs/benchmarks.md)
     python -m aligndial.demo.reproduce --work /tmp/repro       # keep the extra models; a rerun skips them
     python -m aligndial.demo.reproduce --docs docs --problems 192
 

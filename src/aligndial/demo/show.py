@@ -1,4 +1,4 @@
-"""`aligndial demo`: alignment strength as a dial, on the bundled tiny models, in well under a minute.
+"""`aligndial demo`: alignment strength as a dial, on the bundled tiny models, with no training.
 
     aligndial demo                       # table, replies side by side, aligndial-demo.png
     aligndial demo --json                # the same numbers as one JSON object

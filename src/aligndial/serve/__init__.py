@@ -104,13 +104,13 @@ def settings_from_args(args):
     """Check every flag before any model loads; returns the `ServerSettings`."""
     from aligndial.serve.app import ServerSettings
 
-    n_aligned = len(args.aligned or []) if args.ref else 1 if args.adapter else 0
+    from aligndial.cliargs import n_aligned as flags_n_aligned
+
+    n_aligned = flags_n_aligned(args)
     if args.engine == "vllm":
-        from aligndial.vllm.run import check_installed, export_n_aligned
+        from aligndial.vllm.run import check_installed
 
         check_installed(args)
-        if args.model and not args.adapter:
-            n_aligned = export_n_aligned(args.model)
     lo, hi = _lam_range(args.lam_range)
     api_key = args.api_key or os.environ.get("ALIGNDIAL_API_KEY") or None
     return ServerSettings(
@@ -126,6 +126,17 @@ def settings_from_args(args):
         max_queue=args.max_queue,
         **limits.from_args(args),
     )
+
+
+def serve_from_args(args, settings) -> int:
+    """`aligndial serve` on the engine `args` choose (`aligndial.engines.check_args`): the same app,
+    routes and validation on both."""
+    from aligndial.engines import check_args
+    from aligndial.mixed import load_mixed
+
+    if check_args(args) == "vllm":
+        return run_vllm(args, settings)
+    return run(*load_mixed(args), settings)
 
 
 def run_vllm(args, settings) -> int:

@@ -7,7 +7,7 @@ engine), each with its λ in `SamplingParams.extra_args`; vLLM batches them cont
 the aligndial plugin mixes each row with its own λ (aligndial/vllm/strength.py).
 
 The engine starts in `start()` (the app's startup), where vLLM spawns its engine process
-(about 16 s on CPU); `shutdown()` stops it. A cancelled sequence (client gone, stop string
+(seconds on CPU; docs/benchmarks.md, "vLLM"); `shutdown()` stops it. A cancelled sequence (client gone, stop string
 found) cancels its task, and vLLM aborts the request.
 """
 

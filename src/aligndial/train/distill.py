@@ -34,8 +34,10 @@ from trl.experimental.gkd import GKDConfig, GKDTrainer
 from aligndial.adapter import freeze_base, insert_adapter, merge_adapter
 from aligndial.loading import load_causal_lm, load_tokenizer
 from aligndial.mixing import check_lam, mixed_kl
-from aligndial.lora_pair import LoraPair, is_lora_dir
-from aligndial.pair import RealignedPair, check_tokenizers, head_width
+from aligndial.lora_pair import LoraPair
+from aligndial.pair import RealignedPair, head_width
+from aligndial.peft_dirs import is_lora_dir
+from aligndial.vocab import check_tokenizers
 from aligndial.train.common import RecipeArgs, RobustTrainerMixin, announce, load_policy, resume_point, save_result
 from aligndial.train.data import read_data, to_messages
 

@@ -58,9 +58,10 @@ def _causal_lm(vllm_config) -> type[nn.Module]:
     if vllm_config.parallel_config.pipeline_parallel_size > 1:
         raise ValueError("aligndial's vLLM models do not support pipeline parallelism (a path's hidden states would "
                          "cross stages with its residual); use `--tensor-parallel-size` instead")
-    cls = ModelRegistry._try_load_model_cls(NATIVE[base])
-    if cls is None:
-        raise ValueError(f"this vLLM has no model class {NATIVE[base]!r} for {base!r}; upgrade vLLM")
+    try:
+        cls, _ = ModelRegistry.resolve_model_cls(NATIVE[base], vllm_config.model_config)
+    except ValueError:
+        raise ValueError(f"this vLLM has no model class {NATIVE[base]!r} for {base!r}; upgrade vLLM") from None
     return cls
 
 
@@ -68,7 +69,12 @@ def _causal_lm(vllm_config) -> type[nn.Module]:
 def _recording_attention_args():
     """While building a model, remember on every `Attention` the arguments it was built with, so
     the base path's second attention per layer is built the same way (soft-cap, sliding window,
-    scale, attention type: whatever the architecture passes)."""
+    scale, attention type: whatever the architecture passes).
+
+    A private hook, scoped to the build and restored after: vLLM keeps no record of an
+    Attention's constructor arguments, and rebuilding them from its attributes would drop the
+    architecture-specific ones. tests/test_vllm_upstream.py fails, naming the change, if vLLM
+    moves what this relies on."""
     original = Attention.__init__
     signature = inspect.signature(original)
 

@@ -16,6 +16,7 @@ import time
 from contextlib import contextmanager
 from pathlib import Path
 
+from aligndial.cliargs import check_settings, n_aligned
 from aligndial.vllm.export import export_dual_path, export_pair
 
 # Requests one vLLM batch holds at most (vLLM's max_num_seqs); more wait for a free row.
@@ -38,25 +39,15 @@ def check_installed(args=None) -> None:
                          "torchaudio torchcodec`); see the README's vLLM section")
 
 
-def export_n_aligned(model: str) -> int:
-    """Aligned models in an aligndial vLLM export (`--model DIR`); 0 for a plain model."""
-    config = Path(model) / "config.json"
-    spec = json.loads(config.read_text()).get("aligndial") if config.is_file() else None
-    return len(spec["default_lam"]) if spec else 0
-
-
 def model_dir(args, workdir: str, default_lam=None) -> tuple[str, int]:
     """(directory for vLLM, number of aligned models) for the model flags in `args`. `default_lam`
     is what an exported model uses for requests without λ (needed with several aligned models)."""
     from aligndial.loading import load_causal_lm, load_tokenizer
 
-    if args.ref and args.model:
-        raise ValueError("Can't provide both `--ref` and `--model`. Choose one.")
+    n = n_aligned(args)  # the flags' combination, checked in its one home
     trust = args.trust_remote_code
     if args.ref:
-        if not args.aligned:
-            raise ValueError("`--ref` needs at least one `--aligned` model")
-        from aligndial.pair import check_tokenizers
+        from aligndial.vocab import check_tokenizers
 
         tok = load_tokenizer(args.ref, trust)
         for name in args.aligned:
@@ -64,18 +55,14 @@ def model_dir(args, workdir: str, default_lam=None) -> tuple[str, int]:
         models = [load_causal_lm(n, args.dtype, trust_remote_code=trust) for n in [args.ref, *args.aligned]]
         out = export_pair(models[0], models[1:], tok, Path(workdir) / "pair", default_lam,
                           names=[args.ref, *args.aligned])
-        return str(out), len(args.aligned)
-    if not args.model:
-        raise ValueError("give `--ref R --aligned A` (DeRa pair) or `--model M [--adapter A]`")
-    if args.aligned:
-        raise ValueError("`--aligned` goes with `--ref`, not `--model`")
+        return str(out), n
     if getattr(args, "adapter", None):
         from aligndial.adapter import load_adapter
 
         model = load_causal_lm(args.model, args.dtype, trust_remote_code=trust)
         load_adapter(model, args.adapter)
         return str(export_dual_path(model, load_tokenizer(args.model, trust), Path(workdir) / "dual_path")), 1
-    return args.model, export_n_aligned(args.model)
+    return args.model, n
 
 
 def context_length(path: str, tokenizer) -> int:
@@ -234,8 +221,7 @@ class VLLMBatchEngine:
     def rows(self, texts: list[str], lams: list, settings) -> list[dict]:
         if not self.n_aligned and any(lam is not None for lam in lams):
             raise ValueError("`--lam` needs a mix: add `--aligned` (with `--ref`) or `--adapter` (with `--model`)")
-        if settings.num_beams != 1 or settings.think_lam is not None:
-            raise ValueError("`--num-beams` and `--think-lam` are not supported with `--engine vllm`; use `--engine hf`")
+        check_settings(self.name, settings, self.n_aligned)
         ids = [self.tokenizer(t, add_special_tokens=settings.add_special_tokens)["input_ids"] for t in texts]
         index = {t: i for i, t in enumerate(dict.fromkeys(texts))}
         sampling = dict(temperature=settings.temperature, top_p=settings.top_p, top_k=settings.top_k) \
@@ -267,9 +253,9 @@ class VLLMBatchEngine:
             if not (self.args.ref or getattr(self.args, "adapter", None)):
                 raise ValueError("scoring (kl, pairwise-accuracy) with `--engine vllm` loads the mix on transformers: "
                                  "give `--ref R --aligned A` or `--model M --adapter A` rather than an export directory")
-            from aligndial.engines import load_hf
+            from aligndial.mixed import load_mixed
 
-            self._scorer = load_hf(self.args)[0]
+            self._scorer = load_mixed(self.args)[0]
         return self._scorer
 
     def close(self) -> None:
