@@ -140,6 +140,7 @@ class _Row:
     generation: Generation
     index: int
     generator: torch.Generator
+    stop_ids: frozenset[int]  # the EOS ids of the members this row's λ runs (HFEngine._stop_ids)
     position: int  # position id of the next token fed (= tokens so far)
     token: int = -1  # the last sampled token, fed at the next step
     produced: int = 0
@@ -212,7 +213,7 @@ class HFEngine:
         self.max_concurrency, self.max_queue = max_concurrency, max_queue
         self.context_length = context_length(model, tokenizer)
         eos = model.generation_config.eos_token_id
-        self.eos_ids = set(eos if isinstance(eos, list) else [] if eos is None else [eos])
+        self.eos_ids = set(eos if isinstance(eos, list) else [] if eos is None else [eos])  # a plain model's
         self.device = next(model.parameters()).device
         self.counters = {"prefills": 0, "decode_steps": 0, "decode_rows": 0, "generated_tokens": 0,
                          "engine_restarts": 0}
@@ -375,7 +376,8 @@ class HFEngine:
         try:
             ids = torch.tensor([request.prompt_ids], device=self.device)  # (1, T)
             mask, positions = torch.ones_like(ids), torch.arange(ids.shape[1], device=self.device)[None]
-            rows = [_Row(generation, i, self._generator(request, i), position=ids.shape[1]) for i in range(request.n)]
+            stop = self._stop_ids(request.lam)
+            rows = [_Row(generation, i, self._generator(request, i), stop, position=ids.shape[1]) for i in range(request.n)]
             cache = self._new_cache()
             logits = self._forward(ids, mask, positions, cache, self._lam(rows[:1]))
             self.counters["prefills"] += 1
@@ -431,10 +433,16 @@ class HFEngine:
                 self._fail_request(row.generation, f"sampling failed: {type(e).__name__}: {e}")
                 continue
             row.token, row.produced = token, row.produced + 1
-            finish = "stop" if token in self.eos_ids else "length" if row.produced >= row.request.max_tokens else None
+            finish = "stop" if token in row.stop_ids else "length" if row.produced >= row.request.max_tokens else None
             row.finished = finish is not None
             self.counters["generated_tokens"] += 1
             row.generation.emit(TokenEvent(row.index, token, finish))
+
+    def _stop_ids(self, lam: list[float] | None) -> frozenset[int]:
+        """The EOS ids of a row with this λ: those of the members its λ runs, as `generate` stops
+        (`RealignedPair.eos_token_ids`, one rule for every engine), never those of the batch."""
+        by_lam = getattr(self.model, "eos_token_ids", None)
+        return frozenset(self.eos_ids if by_lam is None or lam is None else by_lam(list(lam)))
 
     def _prune(self) -> None:
         """Drop finished and cancelled rows from the batch."""

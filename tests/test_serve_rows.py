@@ -1,0 +1,89 @@
+"""Each request's row is its own (issue 26): its stopping, its failures, and the engine's end.
+
+- docs/reliability.md case 36: a row stops on the EOS ids of the members its λ runs, as
+  `aligndial generate` does, whatever other rows share its batch;
+- case 38: a row whose λ-mix overflows the model's dtype fails alone, with a 400 naming λ and
+  the dtype; the rows decoding beside it give the tokens they give alone;
+- case 41: once the engine thread has stopped, every queued and every new request gets 503 at once.
+"""
+
+import json
+import shutil
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from aligndial.dualpath import DualPathModel
+from aligndial.loading import load_tokenizer
+from aligndial.pair import RealignedPair
+from aligndial.serve import HFEngine
+from aligndial.serve.engine import GenerationRequest
+from test_serve import NAME, Server, completion_ids, engine_events, error_of, oracle, wait_for
+
+PROMPT = "The quick brown fox"
+N = 24
+
+
+# --- case 36: each row stops on the EOS of the members its λ runs --------------------------------------------
+
+
+def _with_eos(src: str, dst, eos: int) -> str:
+    shutil.copytree(src, dst)
+    path = dst / "generation_config.json"
+    cfg = json.loads(path.read_text())
+    cfg["eos_token_id"] = eos
+    path.write_text(json.dumps(cfg))
+    return str(dst)
+
+
+def test_case36_each_row_stops_on_the_eos_of_the_members_its_lam_runs(model_dirs, tmp_path, capsys):
+    ref, _, aligned2 = model_dirs["llama"]
+    flags = ["--prompt", PROMPT, "--max-new-tokens", str(N)]
+    plain = oracle(capsys, "--ref", ref, "--aligned", aligned2, "--lam", "0", *flags)[0]
+    assert len(plain) == N, "the reference should run to max tokens here"
+    early = plain[2]  # the reference emits this token third
+    aligned = _with_eos(aligned2, tmp_path / "aligned-early-eos", early)
+    expected = {lam: oracle(capsys, "--ref", ref, "--aligned", aligned, "--lam", str(lam), *flags)[0]
+                for lam in (0.0, 0.5, 1.0)}
+    assert expected[0.0] == plain  # generate: λ=0 is the reference alone, its own EOS only
+    pair = RealignedPair.from_pretrained(ref, aligned)
+    with Server(HFEngine(pair, pair.tokenizer, 1, max_concurrency=8, max_queue=8)) as server:
+        client = server.client()
+        alone = {lam: completion_ids(client, PROMPT, lam, N) for lam in expected}
+        assert alone == expected
+        assert len(alone[0.0]) == N
+        # The same requests side by side, λ=0 ones beside rows that do stop on the aligned EOS.
+        order = [0.0, 0.5, 1.0, 0.0, 1.0, 0.0]
+        start = threading.Barrier(len(order))
+
+        def together(lam):
+            start.wait()
+            return completion_ids(client, PROMPT, lam, N)
+
+        with ThreadPoolExecutor(len(order)) as pool:
+            batched = list(pool.map(together, order))
+        assert batched == [expected[lam] for lam in order]
+
+
+def test_case36_schedules_stop_on_the_eos_of_every_member_they_may_run(model_dirs):
+    """One function decides (aligndial.pair.stop_ids), for generate, the HF server and vLLM: a
+    constant λ (one turn) stops on the members it weights; a per-token schedule (a callable, e.g.
+    `--think-lam`) may weight any member at some step, so it stops on every member's EOS. A
+    per-turn schedule runs each turn with its own constant λ, so each turn stops by its own λ."""
+    from aligndial.pair import stop_ids
+    from aligndial.vllm.run import stop_kwargs
+
+    eos = [[2], [7, 9]]
+    assert stop_ids(eos, 0.0, 1) == [2]
+    assert stop_ids(eos, 1.0, 1) == [7, 9]
+    assert stop_ids(eos, 0.5, 1) == [2, 7, 9]
+    assert stop_ids(eos, lambda ids: 0.0, 1) == [2, 7, 9]
+    assert stop_ids(eos, None, 1) == [2, 7, 9]
+    assert stop_ids(eos, torch.tensor([0.0, 0.0]), 1, batch_size=2) == [2]
+    for lam in (0.0, 0.5, 1.0, 2.0):
+        assert stop_kwargs(eos, lam, 1)["stop_token_ids"] == stop_ids(eos, lam, 1)
