@@ -22,7 +22,7 @@ from aligndial.dualpath import DualPathModel
 from aligndial.loading import load_tokenizer
 from aligndial.pair import RealignedPair
 from aligndial.serve import HFEngine
-from aligndial.serve.engine import GenerationRequest
+from aligndial.serve.engine import STOPPED, GenerationRequest
 from test_serve import NAME, Server, completion_ids, engine_events, error_of, oracle, wait_for
 
 PROMPT = "The quick brown fox"
@@ -87,3 +87,43 @@ def test_case36_schedules_stop_on_the_eos_of_every_member_they_may_run(model_dir
     assert stop_ids(eos, torch.tensor([0.0, 0.0]), 1, batch_size=2) == [2]
     for lam in (0.0, 0.5, 1.0, 2.0):
         assert stop_kwargs(eos, lam, 1)["stop_token_ids"] == stop_ids(eos, lam, 1)
+
+
+# --- case 41: a stopped engine answers 503 at once -----------------------------------------------------------
+
+
+def test_case41_after_the_engine_gives_up_queued_and_new_requests_get_503_at_once(model_dirs):
+    """The engine thread faults on every turn (injected into its queue bookkeeping) until it gives
+    up. While it stops (held open here), a new request arrives: it and the request that was
+    queued both get 503, none waits for its client's timeout; /health says 503 too."""
+    ref, aligned, _ = model_dirs["llama"]
+    pair = RealignedPair.from_pretrained(ref, aligned)
+    engine = HFEngine(pair, pair.tokenizer, 1)
+    stopping, proceed = threading.Event(), threading.Event()
+
+    def take_waiting_faults():
+        raise RuntimeError("injected fault in the queue bookkeeping")
+
+    fail = engine._fail
+
+    def fail_slowly(rows, message, **kw):
+        if message == STOPPED:  # the thread gave up and is emptying its queues
+            stopping.set()
+            proceed.wait(30)
+        fail(rows, message, **kw)
+
+    engine._take_waiting, engine._fail = take_waiting_faults, fail_slowly
+    with Server(engine) as server, ThreadPoolExecutor(1) as pool:
+        body = {"model": NAME, "prompt": "Hi", "max_tokens": 4}
+        queued = pool.submit(lambda: httpx.post(server.url + "/v1/completions", json=body, timeout=20))
+        assert stopping.wait(20)
+        try:  # the thread is still alive, but has given up
+            late = httpx.post(server.url + "/v1/completions", json=body, timeout=20)
+        finally:
+            proceed.set()
+        assert error_of(late, 503)["type"] == "service_unavailable"
+        err = error_of(queued.result(), 503)
+        assert err["type"] == "service_unavailable" and "engine" in err["message"]
+        assert wait_for(lambda: not engine._thread.is_alive())
+        error_of(server.post("/v1/completions", body), 503)
+        assert error_of(httpx.get(server.url + "/health"), 503)["type"] == "service_unavailable"

@@ -275,6 +275,17 @@ async def _cancel_on_disconnect(request: Request, generation: Generation) -> Non
     generation.cancel()
 
 
+_EVENT_ERROR_TYPES = {400: "invalid_request_error", 503: "service_unavailable"}
+
+
+def _event_error(event: TokenEvent) -> APIError:
+    """The APIError of an engine's error event: its status says whose fault it was (400: the
+    request's own values, e.g. a λ whose mix overflows; 503: the engine has stopped)."""
+    param = "alignment_strength" if event.status == 400 else None
+    return APIError(event.status, f"generation failed: {event.error}", _EVENT_ERROR_TYPES.get(event.status, "server_error"),
+                    param=param)
+
+
 def create_app(engine, settings: ServerSettings) -> FastAPI:
     """The FastAPI app over `engine` (see engine.py for the interface it needs). The app starts
     the engine on startup; on shutdown (SIGTERM: uvicorn first lets running requests finish
@@ -382,7 +393,7 @@ def create_app(engine, settings: ServerSettings) -> FastAPI:
         try:
             async for event in generation:
                 if event.error is not None:
-                    raise APIError(500, f"generation failed: {event.error}", "server_error")
+                    raise _event_error(event)
                 reply.add(event, generation)
         finally:
             watcher.cancel()
@@ -398,7 +409,7 @@ def create_app(engine, settings: ServerSettings) -> FastAPI:
         try:
             async for event in generation:
                 if event.error is not None:
-                    raise APIError(500, f"generation failed: {event.error}", "server_error")
+                    raise _event_error(event)
                 text, finish = reply.add(event, generation)
                 if text or finish or reply.token_ids:  # text may wait for the rest of a UTF-8 character
                     yield _sse(reply.chunk(event.index, text, finish))

@@ -57,6 +57,7 @@ log = logging.getLogger("aligndial.serve")
 # again (health turns 503), so a fault that recurs on every step does not loop forever.
 RESTART_LIMIT = 5
 RESTART_WINDOW = 60.0
+STOPPED = "the engine has stopped"
 
 
 @dataclass(frozen=True)
@@ -78,12 +79,13 @@ class GenerationRequest:
 class TokenEvent:
     """One generated token of sequence `index`; the last event of a sequence has a finish_reason:
     "stop" (an end-of-sequence token, included as `token_id`), "length" (max_tokens) or "error"
-    (then `token_id` is None and `error` says what happened)."""
+    (then `token_id` is None, `error` says what happened and `status` whose fault it was)."""
 
     index: int
     token_id: int | None
     finish_reason: str | None = None
     error: str | None = None
+    status: int = 500  # the HTTP status of an error: 400 when the request's own values caused it, 503 when the engine stopped
 
 
 class EngineOverloaded(Exception):
@@ -223,6 +225,7 @@ class HFEngine:
         self._faults: deque[float] = deque()  # times of recent engine-level faults
         self._running = 0  # len(self._rows), as last published to the event loop
         self._stopping = False
+        self._stopped = False  # the thread gave up or drained: set before it empties its queues
         self._rows: list[_Row] = []
         self._batch: BatchCache | None = None
         self._thread = threading.Thread(target=self._run, name="aligndial-engine", daemon=True)
@@ -234,15 +237,15 @@ class HFEngine:
         self._thread.start()
 
     def healthy(self) -> bool:
-        return self._thread.is_alive() and not self._stopping
+        return self._thread.is_alive() and not self._stopping and not self._stopped
 
     def submit(self, request: GenerationRequest) -> Generation:
         """Queue a request; raises `EngineOverloaded` or `EngineUnavailable` instead of queueing
         without bound. Call from the event loop that will read the events."""
         generation = Generation(request, asyncio.get_running_loop())
         with self._lock:
-            if self._stopping or not self._thread.is_alive():
-                raise EngineUnavailable("the engine is shutting down" if self._stopping else "the engine thread is not running")
+            if self._stopping or self._stopped or not self._thread.is_alive():
+                raise EngineUnavailable("the engine is shutting down" if self._stopping else "the engine has stopped")
             in_flight = self._queued() + self._running
             if in_flight + request.n > self.max_concurrency + self.max_queue:
                 raise EngineOverloaded(f"{in_flight} sequences are in flight and the server takes at most "
@@ -280,12 +283,13 @@ class HFEngine:
             log.exception("the engine thread died")
             raise
         finally:  # after a crash, nobody may wait forever (after a drain, nothing is left)
-            with self._lock:
+            with self._lock:  # from here `submit` refuses (503), so nothing joins a queue nobody reads
+                self._stopped = True
                 waiting, self._waiting = list(self._admitting) + list(self._waiting), deque()
                 self._admitting = deque()
             rows, self._rows, self._batch = self._rows, [], None
-            self._fail(rows, "the engine stopped")
-            self._fail_waiting(waiting, "the engine stopped")
+            self._fail(rows, STOPPED, status=503)
+            self._fail_waiting(waiting, STOPPED, status=503)
 
     def _serve(self) -> bool:
         """Run the loop; True when it stopped cleanly, False after a fault it recovered from."""
@@ -322,12 +326,12 @@ class HFEngine:
                 self._decode_step()
                 self._prune()
 
-    def _fail_waiting(self, generations: list[Generation], message: str) -> None:
+    def _fail_waiting(self, generations: list[Generation], message: str, status: int = 500) -> None:
         """End requests that have no rows and are in no queue, with an error event per sequence."""
         for generation in generations:
             for i in range(generation.request.n):
                 if i not in generation.cancelled:
-                    generation.emit(TokenEvent(i, None, "error", message))
+                    generation.emit(TokenEvent(i, None, "error", message, status))
         self._account()
 
     def _take_waiting(self) -> list[Generation]:
@@ -464,11 +468,11 @@ class HFEngine:
                 r.generation.emit(TokenEvent(r.index, None, "error", message))
                 r.finished = True
 
-    def _fail(self, rows: list[_Row], message: str) -> None:
+    def _fail(self, rows: list[_Row], message: str, status: int = 500) -> None:
         """End `rows`, which are no longer in the batch, with an error event each."""
         for r in rows:
             if not r.gone:
-                r.generation.emit(TokenEvent(r.index, None, "error", message))
+                r.generation.emit(TokenEvent(r.index, None, "error", message, status))
             r.finished = True
         self._account()
 
