@@ -127,3 +127,66 @@ def test_case41_after_the_engine_gives_up_queued_and_new_requests_get_503_at_onc
         assert wait_for(lambda: not engine._thread.is_alive())
         error_of(server.post("/v1/completions", body), 503)
         assert error_of(httpx.get(server.url + "/health"), 503)["type"] == "service_unavailable"
+
+
+# --- case 38: a λ whose mix overflows the model's dtype fails its own request only ---------------------------
+
+from test_serve import adapter_dir  # noqa: E402,F401  (the fixture: a perturbed layer adapter)
+
+
+@pytest.fixture(scope="module")
+def fp16_dual_server(model_dirs, adapter_dir):  # noqa: F811
+    base = AutoModelForCausalLM.from_pretrained(model_dirs["llama"][0], dtype=torch.float16)
+    dual = DualPathModel.from_adapter(base, adapter_dir)
+    with Server(HFEngine(dual, load_tokenizer(model_dirs["llama"][0]), 1, max_concurrency=8, max_queue=8),
+                lam_range=(-1e6, 1e6)) as server:
+        yield server
+
+
+def _overflow_error(r: httpx.Response) -> None:
+    err = error_of(r, 400)
+    assert err["param"] == "alignment_strength" and "float16" in err["message"] and "overflow" in err["message"], err
+
+
+def test_case38_a_lam_whose_mix_overflows_at_prefill_gets_400_naming_lam_and_dtype(fp16_dual_server):
+    server = fp16_dual_server
+    r = server.post("/v1/completions", {"model": NAME, "prompt": PROMPT, "max_tokens": 8, "temperature": 0,
+                                        "alignment_strength": 1e5})
+    _overflow_error(r)
+    assert "100000" in r.json()["error"]["message"]
+    server.assert_serves(alignment_strength=0.5)
+    assert server.metrics()["aligndial_engine_restarts_total"] == 0
+
+
+def test_case38_a_row_whose_mix_overflows_in_a_decode_step_fails_alone(fp16_dual_server):
+    """A λ that survives the prompt but overflows float16 at a later token, decoding beside three
+    λ=0.5 requests: it fails alone (400), and the others give exactly their tokens alone."""
+    server = fp16_dual_server
+    engine = server.engine
+    ids = engine.tokenizer(PROMPT)["input_ids"]
+
+    def tokens_then_error(lam):
+        events = engine_events(engine, GenerationRequest(ids, 16, [lam], temperature=0))[0]
+        return len(events) > 1 and events[-1].finish_reason == "error"
+
+    # λ·|h_aligned − h_base| crosses 65504 at some decode step before it does at the prompt's last position.
+    grid = [1000 * 1.1**i for i in range(60)]
+    lam = next((x for x in grid if tokens_then_error(x)), None)
+    assert lam is not None, "no λ overflows in a decode step only; widen the grid"
+    client = server.client()
+    alone = [completion_ids(client, PROMPT, 0.5, N) for _ in range(3)]
+    start = threading.Barrier(4)
+
+    def send(i):
+        start.wait()
+        if i == 0:
+            return server.post("/v1/completions", {"model": NAME, "prompt": PROMPT, "max_tokens": 16, "temperature": 0,
+                                                   "alignment_strength": lam})
+        time.sleep(0.05)  # the overflowing row is already in the batch when these join it
+        return completion_ids(client, PROMPT, 0.5, N)
+
+    with ThreadPoolExecutor(4) as pool:
+        results = list(pool.map(send, range(4)))
+    _overflow_error(results[0])
+    assert results[1:] == alone
+    server.assert_serves(alignment_strength=0.5)

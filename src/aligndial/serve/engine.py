@@ -217,6 +217,10 @@ class HFEngine:
         eos = model.generation_config.eos_token_id
         self.eos_ids = set(eos if isinstance(eos, list) else [] if eos is None else [eos])  # a plain model's
         self.device = next(model.parameters()).device
+        self.dtype = next(model.parameters()).dtype
+        # A model that can hand back a row whose λ-mix overflowed as NaN (instead of raising for the
+        # whole step) gets asked to: then that row fails alone (docs/reliability.md, case 38).
+        self._nan_rows = "nan_rows" in inspect.signature(model.forward).parameters
         self.counters = {"prefills": 0, "decode_steps": 0, "decode_rows": 0, "generated_tokens": 0,
                          "engine_restarts": 0}
         self._lock = threading.Condition()
@@ -356,6 +360,8 @@ class HFEngine:
         kwargs = dict(attention_mask=mask, position_ids=positions, past_key_values=cache, use_cache=True, logits_to_keep=1)
         if self.n_aligned:
             kwargs.update(lam=lam, run_all=True)
+        if self._nan_rows:
+            kwargs["nan_rows"] = True
         # A mixed model raises on NaN itself; for a plain one, sample() refuses a NaN row (that
         # request fails, not the whole step).
         return self.model(input_ids, **kwargs).logits[:, -1].float()
@@ -430,6 +436,11 @@ class HFEngine:
         for row, row_logits in zip(rows, logits):
             if row.gone:
                 continue
+            overflow = self._overflow(row, row_logits)
+            if overflow:
+                log.warning("one request's λ overflows the mix; failing that request: %s", overflow)
+                self._fail_request(row.generation, overflow, status=400)
+                continue
             try:
                 token = sample(row_logits, row.request, row.generator)
             except Exception as e:
@@ -460,12 +471,30 @@ class HFEngine:
             self._batch = None
         self._account()
 
-    def _fail_request(self, generation: Generation, message: str) -> None:
+    def _overflow(self, row: _Row, logits: torch.Tensor) -> str | None:
+        """Why this row's logits are NaN when the cause is the request's own λ, else None. A mix
+        whose weights [1 − Σλ, λ_1, …] all lie in [0, 1] is an interpolation and cannot overflow,
+        so NaN there means a broken model (sample() says so); a weight outside [0, 1] scales the
+        hidden states up, and the model's dtype (float16: 65504) can overflow."""
+        lam = row.request.lam
+        if lam is None or not bool(torch.isnan(logits).any()):
+            return None
+        weights = [1.0 - sum(lam), *lam]
+        if all(0.0 <= w <= 1.0 for w in weights):
+            return None
+        dtype = str(self.dtype).removeprefix("torch.")
+        shown = lam[0] if len(lam) == 1 else lam
+        return (f"`alignment_strength` {shown:g} makes the λ-mix of this {dtype} model overflow {dtype}; use a smaller "
+                f"|λ|, or serve the model with `--dtype bfloat16` or `--dtype float32`" if len(lam) == 1 else
+                f"`alignment_strength` {shown} makes the λ-mix of this {dtype} model overflow {dtype}; use smaller "
+                f"weights, or serve the model with `--dtype bfloat16` or `--dtype float32`")
+
+    def _fail_request(self, generation: Generation, message: str, status: int = 500) -> None:
         """End every live row of `generation` in the batch with an error event; `_prune` then
         removes them (and counts them)."""
         for r in self._rows:
             if r.generation is generation and not r.gone:
-                r.generation.emit(TokenEvent(r.index, None, "error", message))
+                r.generation.emit(TokenEvent(r.index, None, "error", message, status))
                 r.finished = True
 
     def _fail(self, rows: list[_Row], message: str, status: int = 500) -> None:
