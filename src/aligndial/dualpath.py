@@ -279,7 +279,10 @@ class DualPathModel(MixedLM):
                 self._router.mode = "all"
             return CausalLMOutputWithPast(logits=out.logits, past_key_values=past_key_values)
 
-        doubled = {k: torch.cat([v, v]) if isinstance(v, torch.Tensor) and v.shape[0] == b else v for k, v in inputs.items()}
+        # Per-row inputs only, by the rule of `_aligned_rows`: a 1-D tensor is per position (and a
+        # 0-d one is no row at all), whatever its length.
+        doubled = {k: torch.cat([v, v]) if isinstance(v, torch.Tensor) and v.ndim > 1 and v.shape[0] == b else v
+                   for k, v in inputs.items()}
         if not self._few_rows_decided:
             self._install_few_rows(input_ids.device)
         self._router.mode, self._router.batch = "dual", b
