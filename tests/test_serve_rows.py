@@ -190,3 +190,32 @@ def test_case38_a_row_whose_mix_overflows_in_a_decode_step_fails_alone(fp16_dual
     _overflow_error(results[0])
     assert results[1:] == alone
     server.assert_serves(alignment_strength=0.5)
+
+
+# --- `vllm_xargs` (what clients of `vllm serve` send) is an alias, never silently ignored ------------------
+
+
+@pytest.fixture(scope="module")
+def pair_server(model_dirs):
+    ref, aligned, _ = model_dirs["llama"]
+    pair = RealignedPair.from_pretrained(ref, aligned)
+    with Server(HFEngine(pair, pair.tokenizer, 1, max_concurrency=8, max_queue=8)) as server:
+        yield server
+
+
+def test_vllm_xargs_alignment_strength_is_an_alias_and_bad_values_get_400(pair_server):
+    client = pair_server.client()
+    for lam in (0.0, 2.0):
+        r = client.completions.create(model=NAME, prompt=PROMPT, max_tokens=8, temperature=0,
+                                      extra_body={"vllm_xargs": {"alignment_strength": lam}, "return_token_ids": True})
+        assert r.model_extra["alignment_strength"] == lam
+        assert r.choices[0].model_extra["token_ids"] == completion_ids(client, PROMPT, lam, 8)
+    body = {"model": NAME, "prompt": "Hi", "max_tokens": 2}
+    for xargs, needle in [({"alignment_strength": "x"}, "`alignment_strength`"), ({"alignment_strength": 1e38}, "within"),
+                          ({"alignment_strength": [0.5, 0.5]}, "1 weight"), ({"temperature_schedule": 1}, "vllm_xargs")]:
+        err = error_of(pair_server.post("/v1/completions", {**body, "vllm_xargs": xargs}), 400)
+        assert needle in err["message"] and err["param"] in ("alignment_strength", "vllm_xargs"), err
+    err = error_of(pair_server.post("/v1/completions", {**body, "alignment_strength": 0.5,
+                                                        "vllm_xargs": {"alignment_strength": 1.0}}), 400)
+    assert "disagree" in err["message"]
+    pair_server.assert_serves()
