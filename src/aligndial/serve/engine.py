@@ -14,7 +14,8 @@ Each turn of the loop (continuous batching):
    sequence, and `run_all=True`, so every cache stays complete whatever λ a row has. The mixing
    happens inside the model (`aligndial.mixing`), never here;
 3. sample each row with its own settings and `torch.Generator`, emit its token, and drop the
-   rows that finished or whose client went away.
+   rows that finished (on the EOS ids of the members its own λ runs, as `generate` stops:
+   `aligndial.pair.stop_ids`) or whose client went away.
 
 So a short request joins and leaves while a long one runs. Padding is masked and positions are
 per row, so a row's logits inside any batch are its logits alone, up to the rounding of batched
@@ -25,13 +26,17 @@ only, with an error event per sequence, and its rows leave the batch:
 
 - anything in its prefill (its generators, its forward, its first samples);
 - its sampling at any step (NaN logits, a temperature the sampler cannot use, ...);
+- its λ-mix overflowing the model's dtype (float16 at a large |λ|), at prefill or in a decode
+  step: a model that takes `nan_rows` hands that row back as NaN instead of raising for the
+  step, and the request fails with status 400 naming λ and the dtype (case 38);
 - a decode step's shared forward fails the rows of that step (they share it), then the loop goes on.
 
 Anything else (the batch bookkeeping itself) is an engine-level fault: the rows in the batch get
 an error event, the loop restarts with an empty batch, and `stats()["engine_restarts"]` counts it.
 Waiting requests are kept. After `RESTART_LIMIT` faults within `RESTART_WINDOW` seconds the
-thread gives up and stops, `healthy()` turns false, and /health answers 503. In every case the
-counts of admitted sequences return to what is really in flight.
+thread gives up and stops, `healthy()` turns false, and /health answers 503; from the moment it
+gives up, `submit` refuses (503) and every queued request ends with status 503 (case 41). In
+every case the counts of admitted sequences return to what is really in flight.
 """
 
 from __future__ import annotations
