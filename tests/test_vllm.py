@@ -354,7 +354,7 @@ def test_vllm_engine_counts_a_sequence_cancelled_before_its_first_step_as_done(d
     try:
         async def go():
             request = GenerationRequest(tok("Hello")["input_ids"], 4, [0.5], temperature=0)
-            for _ in range(3):
+            for _ in range(2):  # as many as the engine takes
                 engine.submit(request).cancel()  # before the task's first step
             await asyncio.sleep(0.5)
             in_flight = engine.stats()["running"]
