@@ -368,3 +368,55 @@ def test_vllm_engine_counts_a_sequence_cancelled_before_its_first_step_as_done(d
         assert engine.stats()["running"] == 0
     finally:
         engine.shutdown()
+
+
+@pytest.mark.parametrize("kind", ["dual-export", "pair-export"])
+def test_lam_stays_on_the_host_and_is_copied_to_the_device_at_most_once_per_step(kind, dirs, tok, monkeypatch):
+    """Issue 26: `compute_logits` moved λ to the device and the mix read it back (`.to(device)`,
+    then `active_sources(...).tolist()` and the mix's own copy): a device round trip per step on
+    an accelerator. Counting, in this process's engine, the copies aligndial's code makes of a
+    λ-shaped tensor to a device (rows × K or rows × (1 + K) float32) and its `.tolist()`/`.item()` reads of
+    tensors that are not on the host: at most one copy per step, and no read."""
+    import sys
+
+    from vllm import SamplingParams
+
+    from aligndial.vllm import strength
+    from vllm_helpers import in_process_llm
+
+    copies, reads, steps = [0], [0], [0]
+    to, tolist, item, rows = torch.Tensor.to, torch.Tensor.tolist, torch.Tensor.item, strength.AlignmentStrength.rows
+
+    def ours() -> bool:
+        return "/aligndial/" in sys._getframe(2).f_code.co_filename
+
+    def counting_to(self, *a, **k):
+        to_device = "device" in k or any(isinstance(x, (torch.device, str)) for x in a)  # not a dtype cast
+        if ours() and to_device and self.dtype == torch.float32 and self.ndim == 2 and self.shape[1] <= 2:
+            copies[0] += 1
+        return to(self, *a, **k)
+
+    def counting_read(original):
+        def read(self, *a, **k):
+            if ours() and self.device.type != "cpu":
+                reads[0] += 1
+            return original(self, *a, **k)
+        return read
+
+    def counting_rows(self, n):
+        steps[0] += 1
+        return rows(self, n)
+
+    with in_process_llm(dirs[kind]) as llm:
+        params = [SamplingParams(max_tokens=NEW, min_tokens=NEW, temperature=0, extra_args={"alignment_strength": lam})
+                  for lam in (0.5, 2.0)]
+        prompts = [{"prompt_token_ids": tok(p)["input_ids"]} for p in PROMPTS[:2]]
+        llm.generate(prompts, params, use_tqdm=False)  # warm
+        with monkeypatch.context() as m:
+            m.setattr(torch.Tensor, "to", counting_to)
+            m.setattr(torch.Tensor, "tolist", counting_read(tolist))
+            m.setattr(torch.Tensor, "item", counting_read(item))
+            m.setattr(strength.AlignmentStrength, "rows", counting_rows)
+            llm.generate(prompts, params, use_tqdm=False)
+    assert steps[0] >= NEW
+    assert copies[0] <= steps[0] and reads[0] == 0, (copies, reads, steps)
