@@ -291,7 +291,8 @@ class DualPathModel(MixedLM):
                 hidden = self.base.base_model(input_ids=torch.cat([input_ids, input_ids]), **doubled).last_hidden_state
                 if logits_to_keep:
                     hidden = hidden[:, -logits_to_keep:]
-                logits = self.base.get_output_embeddings()(mix_hidden(hidden[:b], hidden[b:], lam, checked=True, nan_rows=nan_rows))
+                mixed = mix_hidden(hidden[:b], hidden[b:], lam, checked=True, nan_rows=nan_rows)
+                logits = self.base.get_output_embeddings()(mixed)
             else:
                 both = self.base(input_ids=torch.cat([input_ids, input_ids]), logits_to_keep=logits_to_keep, **doubled).logits
                 logits = mix_logits(both[:b], both[b:], lam.to(both.device))

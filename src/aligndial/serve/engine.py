@@ -441,16 +441,13 @@ class HFEngine:
         for row, row_logits in zip(rows, logits):
             if row.gone:
                 continue
-            overflow = self._overflow(row, row_logits)
-            if overflow:
-                log.warning("one request's λ overflows the mix; failing that request: %s", overflow)
-                self._fail_request(row.generation, overflow, status=400)
-                continue
             try:
-                token = sample(row_logits, row.request, row.generator)
+                token = sample(row_logits, row.request, row.generator)  # refuses NaN logits
             except Exception as e:
-                log.warning("sampling failed for one request (%s: %s); failing that request", type(e).__name__, e)
-                self._fail_request(row.generation, f"sampling failed: {type(e).__name__}: {e}")
+                overflow = self._overflow(row, row_logits)  # the request's own λ, or something else?
+                log.warning("sampling failed for one request (%s); failing that request", overflow or f"{type(e).__name__}: {e}")
+                self._fail_request(row.generation, overflow or f"sampling failed: {type(e).__name__}: {e}",
+                                   status=400 if overflow else 500)
                 continue
             row.token, row.produced = token, row.produced + 1
             finish = "stop" if token in row.stop_ids else "length" if row.produced >= row.request.max_tokens else None
@@ -488,11 +485,9 @@ class HFEngine:
         if all(0.0 <= w <= 1.0 for w in weights):
             return None
         dtype = str(self.dtype).removeprefix("torch.")
-        shown = lam[0] if len(lam) == 1 else lam
-        return (f"`alignment_strength` {shown:g} makes the λ-mix of this {dtype} model overflow {dtype}; use a smaller "
-                f"|λ|, or serve the model with `--dtype bfloat16` or `--dtype float32`" if len(lam) == 1 else
-                f"`alignment_strength` {shown} makes the λ-mix of this {dtype} model overflow {dtype}; use smaller "
-                f"weights, or serve the model with `--dtype bfloat16` or `--dtype float32`")
+        shown = f"{lam[0]:g}" if len(lam) == 1 else str(lam)
+        return (f"`alignment_strength` {shown} makes the λ-mix of this {dtype} model overflow {dtype}; use a smaller "
+                "|λ|, or serve the model with `--dtype bfloat16` or `--dtype float32`")
 
     def _fail_request(self, generation: Generation, message: str, status: int = 500) -> None:
         """End every live row of `generation` in the batch with an error event; `_prune` then
