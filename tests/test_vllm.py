@@ -163,6 +163,34 @@ def test_a_bad_lam_is_refused_and_the_engine_keeps_serving(dual_llm, tok):
     assert len(vllm_tokens(dual_llm, tok, [("Hello", 0.5)])[0]) >= 1
 
 
+@pytest.mark.parametrize("kind", ["dual", "pair"])
+def test_hostile_lam_is_refused_before_scheduling_and_never_stops_the_engine(kind, dual_llm, pair_llm, tok, monkeypatch):
+    """docs/reliability.md case 39: a λ beyond ±LAM_LIMIT (its mix would overflow) or a list of the
+    wrong length is refused at admission (`validate_params`, the front end's check); one that gets
+    past it (a process that loaded exports of several K cannot check the length up front) runs
+    at the export's default λ instead of raising in the engine core, which stops every request."""
+    from vllm import SamplingParams
+    from vllm.exceptions import VLLMValidationError
+
+    from aligndial.vllm import export
+
+    llm = dual_llm if kind == "dual" else pair_llm
+    ids = {"prompt_token_ids": tok(PROMPTS[0])["input_ids"]}
+
+    def run(lam):
+        out = llm.generate([ids], SamplingParams(max_tokens=NEW, temperature=0, extra_args={"alignment_strength": lam}),
+                           use_tqdm=False)
+        return list(out[0].outputs[0].token_ids)
+
+    monkeypatch.setattr(export, "LOADED_N_ALIGNED", {1})  # what a server process serving this export knows
+    for bad, message in [(1e38, "within"), (1e300, "within"), (-2e6, "within"), ([0.5, 0.5], "1 weight")]:
+        with pytest.raises(VLLMValidationError, match=message):
+            run(bad)
+    monkeypatch.setattr(export, "LOADED_N_ALIGNED", {1, 2})  # exports of two K loaded: no length check up front
+    assert run([0.5, 0.5]) == run(1.0) == vllm_tokens(llm, tok, [(PROMPTS[0], 1.0)])[0]  # the default λ, no crash
+    assert vllm_tokens(llm, tok, [(PROMPTS[0], 0.5)])[0] == run(0.5)
+
+
 def test_unsupported_architectures_are_refused_by_name(tok, tmp_path):
     gpt2 = build_model("gpt2", tok)
     insert_adapter(gpt2)
@@ -223,6 +251,20 @@ def test_vllm_serve_on_the_export_honours_lam_per_request(vllm_server, hf_dual, 
     with pytest.raises(openai.BadRequestError, match="finite"):
         client.completions.create(model="tiny", prompt="Hi", max_tokens=2, extra_body={"vllm_xargs": {"alignment_strength": "nan"}})
     assert ids(0.5) == hf_tokens(hf_dual, tok, PROMPTS[0], 0.5)
+
+
+def test_vllm_serve_refuses_a_hostile_lam_with_400_and_keeps_running(vllm_server, hf_dual, tok):
+    """docs/reliability.md case 39 on vLLM's own server: each of these once raised inside the
+    engine core (EngineDeadError), answered 500, and the server exited."""
+    client = vllm_server.client()
+    for bad in ([0.5, 0.5], 1e38, 1e300, "0.5", -1e7):
+        with pytest.raises(openai.BadRequestError, match="alignment_strength"):
+            client.completions.create(model="tiny", prompt="Hi", max_tokens=2,
+                                      extra_body={"vllm_xargs": {"alignment_strength": bad}})
+    r = client.completions.create(model="tiny", prompt=PROMPTS[0], max_tokens=NEW, temperature=0,
+                                  extra_body={"vllm_xargs": {"alignment_strength": 0.5}, "return_token_ids": True})
+    assert r.choices[0].model_extra["token_ids"] == hf_tokens(hf_dual, tok, PROMPTS[0], 0.5)
+    assert vllm_server.proc.poll() is None and httpx.get(vllm_server.url + "/health").status_code == 200
 
 
 @pytest.fixture(scope="module")
@@ -295,3 +337,86 @@ def test_cli_vllm_flags(dirs, tmp_path, capsys):
     assert main(["export-vllm", "--ref", dirs["llama-ref"], "--aligned", dirs["llama-aligned"], "--aligned",
                  dirs["llama-aligned"], "--out", str(tmp_path / "q")]) == 2
     assert "--default-lam" in capsys.readouterr().err
+
+
+def test_vllm_engine_counts_a_sequence_cancelled_before_its_first_step_as_done(dirs, tok):
+    """`VLLMEngine`: a client gone before its task ever ran (cancelled in the same event-loop turn
+    as the submit) leaves nothing in flight, so it never counts toward the 429 limit."""
+    import asyncio
+
+    from aligndial.serve.engine import GenerationRequest
+    from aligndial.serve.vllm_engine import VLLMEngine
+    from aligndial.vllm.run import engine_kwargs
+
+    engine = VLLMEngine(engine_kwargs(dirs["dual-export"], "float32", 2, enforce_eager=True), tok, 1, 128,
+                        max_concurrency=2, max_queue=0)
+    engine.start()
+    try:
+        async def go():
+            request = GenerationRequest(tok("Hello")["input_ids"], 4, [0.5], temperature=0)
+            for _ in range(2):  # as many as the engine takes
+                engine.submit(request).cancel()  # before the task's first step
+            await asyncio.sleep(0.5)
+            in_flight = engine.stats()["running"]
+            events = [e async for e in engine.submit(GenerationRequest(tok("Hello")["input_ids"], 4, [0.5], n=2,
+                                                                      temperature=0))]
+            return in_flight, events
+
+        in_flight, events = asyncio.run(go())
+        assert in_flight == 0
+        assert [e.finish_reason for e in events if e.finish_reason] == ["length", "length"]
+        assert engine.stats()["running"] == 0
+    finally:
+        engine.shutdown()
+
+
+@pytest.mark.parametrize("kind", ["dual-export", "pair-export"])
+def test_lam_stays_on_the_host_and_is_copied_to_the_device_at_most_once_per_step(kind, dirs, tok, monkeypatch):
+    """Issue 26: `compute_logits` moved λ to the device and the mix read it back (`.to(device)`,
+    then `active_sources(...).tolist()` and the mix's own copy): a device round trip per step on
+    an accelerator. Counting, in this process's engine, the copies aligndial's code makes of a
+    λ-shaped tensor to a device (rows × K or rows × (1 + K) float32) and its `.tolist()`/`.item()` reads of
+    tensors that are not on the host: at most one copy per step, and no read."""
+    import sys
+
+    from vllm import SamplingParams
+
+    from aligndial.vllm import strength
+    from vllm_helpers import in_process_llm
+
+    copies, reads, steps = [0], [0], [0]
+    to, tolist, item, rows = torch.Tensor.to, torch.Tensor.tolist, torch.Tensor.item, strength.AlignmentStrength.rows
+
+    def ours() -> bool:
+        return "/aligndial/" in sys._getframe(2).f_code.co_filename
+
+    def counting_to(self, *a, **k):
+        to_device = "device" in k or any(isinstance(x, (torch.device, str)) for x in a)  # not a dtype cast
+        if ours() and to_device and self.dtype == torch.float32 and self.ndim == 2 and self.shape[1] <= 2:
+            copies[0] += 1
+        return to(self, *a, **k)
+
+    def counting_read(original):
+        def read(self, *a, **k):
+            if ours() and self.device.type != "cpu":
+                reads[0] += 1
+            return original(self, *a, **k)
+        return read
+
+    def counting_rows(self, n):
+        steps[0] += 1
+        return rows(self, n)
+
+    with in_process_llm(dirs[kind]) as llm:
+        params = [SamplingParams(max_tokens=NEW, min_tokens=NEW, temperature=0, extra_args={"alignment_strength": lam})
+                  for lam in (0.5, 2.0)]
+        prompts = [{"prompt_token_ids": tok(p)["input_ids"]} for p in PROMPTS[:2]]
+        llm.generate(prompts, params, use_tqdm=False)  # warm
+        with monkeypatch.context() as m:
+            m.setattr(torch.Tensor, "to", counting_to)
+            m.setattr(torch.Tensor, "tolist", counting_read(tolist))
+            m.setattr(torch.Tensor, "item", counting_read(item))
+            m.setattr(strength.AlignmentStrength, "rows", counting_rows)
+            llm.generate(prompts, params, use_tqdm=False)
+    assert steps[0] >= NEW
+    assert copies[0] <= steps[0] and reads[0] == 0, (copies, reads, steps)

@@ -177,13 +177,16 @@ class DualPathModel(MixedLM):
         use_cache: bool | None = None,
         run_all: bool = False,
         lam_sources: tuple[bool, ...] | None = None,
+        nan_rows: bool = False,
         return_dict: bool = True,
         **kwargs,
     ) -> CausalLMOutputWithPast:
         """Mixed logits (B, T, V). `run_all` forces the 2B-row forward even when λ is 0 or 1
         in every row (a λ schedule may leave those values later, and needs both caches).
         `lam_sources` (from `generate`, which checked λ once for the whole call) says which of
-        [base, aligned] carry weight in some row; without it λ is checked here, on the host."""
+        [base, aligned] carry weight in some row; without it λ is checked here, on the host.
+        `nan_rows` (the serving engine): a row whose hidden-state mix overflows the model's dtype
+        comes back as NaN logits instead of raising for the whole batch (`mix_hidden`)."""
         b = input_ids.shape[0]
         if lam_sources is None:
             lam = self.resolve_lam(lam, b)
@@ -200,7 +203,10 @@ class DualPathModel(MixedLM):
                 self._router.mode = "all"
             return CausalLMOutputWithPast(logits=out.logits, past_key_values=past_key_values)
 
-        doubled = {k: torch.cat([v, v]) if isinstance(v, torch.Tensor) and v.shape[0] == b else v for k, v in inputs.items()}
+        # Per-row inputs only, by the rule of `_aligned_rows`: a 1-D tensor is per position (and a
+        # 0-d one is no row at all), whatever its length.
+        doubled = {k: torch.cat([v, v]) if isinstance(v, torch.Tensor) and v.ndim > 1 and v.shape[0] == b else v
+                   for k, v in inputs.items()}
         if not self._few_rows_decided:
             self._install_few_rows(input_ids.device)
         self._router.mode, self._router.batch = "dual", b
@@ -209,7 +215,8 @@ class DualPathModel(MixedLM):
                 hidden = self.base.base_model(input_ids=torch.cat([input_ids, input_ids]), **doubled).last_hidden_state
                 if logits_to_keep:
                     hidden = hidden[:, -logits_to_keep:]
-                logits = self.base.get_output_embeddings()(mix_hidden(hidden[:b], hidden[b:], lam, checked=True))
+                mixed = mix_hidden(hidden[:b], hidden[b:], lam, checked=True, nan_rows=nan_rows)
+                logits = self.base.get_output_embeddings()(mixed)
             else:
                 both = self.base(input_ids=torch.cat([input_ids, input_ids]), logits_to_keep=logits_to_keep, **doubled).logits
                 logits = mix_logits(both[:b], both[b:], lam.to(both.device))

@@ -339,7 +339,8 @@ def mixed_kl(p, q, n_tokens: int | None = None) -> torch.Tensor:
     return torch.cat(out).reshape(lead)
 
 
-def mix_hidden(ref_hidden: torch.Tensor, aligned_hidden: torch.Tensor, lam: LamLike, checked: bool = False) -> torch.Tensor:
+def mix_hidden(ref_hidden: torch.Tensor, aligned_hidden: torch.Tensor, lam: LamLike, checked: bool = False,
+               nan_rows: bool = False) -> torch.Tensor:
     """The same combination on final hidden states (B, …, H), mixed in float32, cast back:
     (1 − λ)·x_ref + λ·x_aligned, one λ per row (one aligned source).
 
@@ -348,6 +349,10 @@ def mix_hidden(ref_hidden: torch.Tensor, aligned_hidden: torch.Tensor, lam: LamL
     ops cost a visible share of a small model's bf16 decode step (docs/benchmarks.md). `lerp` is
     exact at both ends (λ=0 gives x_ref, λ=1 gives x_aligned, bit for bit). Hidden states have
     no masked positions, so any non-finite value means a broken model and raises.
+
+    `nan_rows`: instead of raising, a row (batch element) with a non-finite value comes back all
+    NaN and the other rows are untouched, so a serving engine can fail that one request (a row's
+    λ whose mix overflows a float16 model must not fail the rows beside it; case 38).
     """
     # `checked`: `lam` is already lam_weights' (B, 1) tensor (a generate() call checks λ once), so
     # it is not checked again at every step, which would copy it to the host on an accelerator.
@@ -355,6 +360,9 @@ def mix_hidden(ref_hidden: torch.Tensor, aligned_hidden: torch.Tensor, lam: LamL
     w = w.view(-1, *([1] * (ref_hidden.ndim - 1)))
     out = torch.lerp(ref_hidden.float(), aligned_hidden.float(), w).to(ref_hidden.dtype)
     if not torch.isfinite(out).all():  # one check in the common case; the diagnosis only on failure
+        if nan_rows:
+            bad = ~torch.isfinite(out).flatten(1).all(dim=1)
+            return out.masked_fill(bad.view(-1, *([1] * (out.ndim - 1))), float("nan"))
         for name, src in (("ref_hidden", ref_hidden), ("aligned_hidden", aligned_hidden)):
             if not torch.isfinite(src).all():
                 raise ValueError(f"{name} contains NaN or inf; the model's output is broken (check its dtype and weights)")

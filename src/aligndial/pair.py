@@ -45,6 +45,19 @@ def eos_ids(model) -> list[int]:
     return [] if eos is None else [int(eos)] if isinstance(eos, int) else [int(e) for e in eos]
 
 
+def stop_ids(member_eos: list[list[int]], lam, n_aligned: int, batch_size: int = 1) -> list[int]:
+    """The EOS ids a row (or a batch given one `lam`) stops on: the union of the EOS ids of the
+    members [ref, aligned_1, …] that `lam` gives a non-zero weight, reference first. λ=0 thus
+    stops exactly as the reference alone, λ=1 as the aligned model alone, and a mix on either's
+    EOS. With no λ or a per-token schedule (a callable, which may weight any member at some step)
+    every member's EOS. The one rule for `generate`, the HF server and the vLLM engines."""
+    if lam is None or callable(lam):
+        runs = [True] * len(member_eos)
+    else:
+        runs = active_sources(lam_weights(lam, batch_size, n_aligned))
+    return list(dict.fromkeys(e for member, run in zip(member_eos, runs) if run for e in member))
+
+
 def output_device(model) -> torch.device:
     """Where a member's logits come out. A model dispatched by accelerate (`device_map`) returns
     its outputs on its input's device (io_same_device), so it is fed on its main device (the first
@@ -145,14 +158,7 @@ class RealignedPair(MixedLM):
         """The union of the EOS ids of the members a call with `lam` runs (a non-zero weight in
         some row; every member for None or a schedule), reference first. λ=0 thus stops exactly
         as the reference alone, λ=1 as the aligned model alone, and a mix on either's EOS."""
-        if lam is None or callable(lam):
-            runs = [True] * len(self.members)
-        else:
-            runs = active_sources(lam_weights(lam, batch_size, self.n_aligned))
-        ids: list[int] = []
-        for m, run in zip(self.members, runs):
-            ids += [e for e in eos_ids(m) if run and e not in ids]
-        return ids
+        return stop_ids([eos_ids(m) for m in self.members], lam, self.n_aligned, batch_size)
 
     def generate(self, inputs: torch.Tensor | None = None, lam=1.0, **kwargs):
         """`MixedLM.generate`, stopping on `eos_token_ids(lam)` unless the call sets its own."""

@@ -168,26 +168,51 @@ class _RequireKey:
 class _ChoiceText:
     """The text of one choice: token ids decoded as they come, cut before the first stop string.
     A stream holds back the last (longest stop − 1) characters, which could begin a stop string,
-    and a trailing incomplete UTF-8 character, until the choice finishes."""
+    until the choice finishes.
+
+    Decoding is incremental, as vLLM's detokenizer: each token decodes only the ids since the last
+    complete text (`prefix`..end, against `prefix`..`read` for the text they already gave, so a
+    byte-level or SentencePiece tokenizer sees its context), and waits while they end inside a
+    UTF-8 character. Stop strings are searched only in the new text and the (longest stop − 1)
+    characters before it. So each token costs a bounded amount of work, not O(length)."""
 
     def __init__(self, tokenizer, stops: list[str]):
         self.tokenizer, self.stops = tokenizer, stops
         self.hold = max((len(s) for s in stops), default=1) - 1
         self.ids: list[int] = []
         self.text, self.sent, self.sent_ids, self.stopped = "", 0, 0, False
+        self._prefix = self._read = 0  # ids[_prefix:_read] decode to the end of `text`; ids[_read:] are pending
 
     def add(self, token_id: int) -> None:
         self.ids.append(token_id)
-        text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
-        cuts = [i for i in (text.find(s) for s in self.stops) if i >= 0]
-        if cuts:
-            text, self.stopped = text[: min(cuts)], True
-        self.text = text
+        if not self.stopped:
+            self._decode(final=False)
+
+    def _decode(self, final: bool) -> None:
+        """Append the text of the pending ids, unless they end inside a character (and not final)."""
+        if self._read == len(self.ids):
+            return
+        before = self.tokenizer.decode(self.ids[self._prefix : self._read], skip_special_tokens=True)
+        after = self.tokenizer.decode(self.ids[self._prefix :], skip_special_tokens=True)
+        if not final and (len(after) < len(before) or after.endswith("\ufffd")):
+            return  # the last character is not complete yet
+        new = after[len(before) :]
+        self._prefix, self._read = self._read, len(self.ids)
+        start = max(0, len(self.text) - self.hold)  # a stop string may begin in text already seen
+        self.text += new
+        cut = self._find_stop(self.text, start)
+        if cut is not None:
+            self.text, self.stopped = self.text[:cut], True
+
+    def _find_stop(self, text: str, start: int) -> int | None:
+        """Where the first stop string begins in text[start:], or None."""
+        cuts = [i for i in (text.find(s, start) for s in self.stops) if i >= 0]
+        return min(cuts) if cuts else None
 
     def delta(self, final: bool) -> str:
+        if final and not self.stopped:
+            self._decode(final=True)  # the rest, even a last incomplete character (as a whole decode shows it)
         end = len(self.text) if final else len(self.text) - self.hold
-        while not final and end > self.sent and self.text[end - 1] == "\ufffd":
-            end -= 1
         out = self.text[self.sent : end] if end > self.sent else ""
         self.sent = max(self.sent, end)
         return out
@@ -280,6 +305,17 @@ async def _cancel_on_disconnect(request: Request, generation: Generation) -> Non
     while (await request.receive())["type"] != "http.disconnect":
         pass
     generation.cancel()
+
+
+_EVENT_ERROR_TYPES = {400: "invalid_request_error", 503: "service_unavailable"}
+
+
+def _event_error(event: TokenEvent) -> APIError:
+    """The APIError of an engine's error event: its status says whose fault it was (400: the
+    request's own values, e.g. a λ whose mix overflows; 503: the engine has stopped)."""
+    param = "alignment_strength" if event.status == 400 else None
+    return APIError(event.status, f"generation failed: {event.error}", _EVENT_ERROR_TYPES.get(event.status, "server_error"),
+                    param=param)
 
 
 def create_app(engine, settings: ServerSettings) -> FastAPI:
@@ -403,7 +439,7 @@ def create_app(engine, settings: ServerSettings) -> FastAPI:
         try:
             async for event in generation:
                 if event.error is not None:
-                    raise APIError(500, f"generation failed: {event.error}", "server_error")
+                    raise _event_error(event)
                 reply.add(event, generation)
         finally:
             watcher.cancel()
@@ -419,7 +455,7 @@ def create_app(engine, settings: ServerSettings) -> FastAPI:
         try:
             async for event in generation:
                 if event.error is not None:
-                    raise APIError(500, f"generation failed: {event.error}", "server_error")
+                    raise _event_error(event)
                 text, finish = reply.add(event, generation)
                 if text or finish or reply.token_ids:  # text may wait for the rest of a UTF-8 character
                     yield _sse(reply.chunk(event.index, text, finish))

@@ -14,7 +14,8 @@ Each turn of the loop (continuous batching):
    sequence, and `run_all=True`, so every cache stays complete whatever λ a row has. The mixing
    happens inside the model (`aligndial.mixing`), never here;
 3. sample each row with its own settings and `torch.Generator`, emit its token, and drop the
-   rows that finished or whose client went away.
+   rows that finished (on the EOS ids of the members its own λ runs, as `generate` stops:
+   `aligndial.pair.stop_ids`) or whose client went away.
 
 So a short request joins and leaves while a long one runs. Padding is masked and positions are
 per row, so a row's logits inside any batch are its logits alone, up to the rounding of batched
@@ -25,13 +26,17 @@ only, with an error event per sequence, and its rows leave the batch:
 
 - anything in its prefill (its generators, its forward, its first samples);
 - its sampling at any step (NaN logits, a temperature the sampler cannot use, ...);
+- its λ-mix overflowing the model's dtype (float16 at a large |λ|), at prefill or in a decode
+  step: a model that takes `nan_rows` hands that row back as NaN instead of raising for the
+  step, and the request fails with status 400 naming λ and the dtype (case 38);
 - a decode step's shared forward fails the rows of that step (they share it), then the loop goes on.
 
 Anything else (the batch bookkeeping itself) is an engine-level fault: the rows in the batch get
 an error event, the loop restarts with an empty batch, and `stats()["engine_restarts"]` counts it.
 Waiting requests are kept. After `RESTART_LIMIT` faults within `RESTART_WINDOW` seconds the
-thread gives up and stops, `healthy()` turns false, and /health answers 503. In every case the
-counts of admitted sequences return to what is really in flight.
+thread gives up and stops, `healthy()` turns false, and /health answers 503; from the moment it
+gives up, `submit` refuses (503) and every queued request ends with status 503 (case 41). In
+every case the counts of admitted sequences return to what is really in flight.
 """
 
 from __future__ import annotations
@@ -57,6 +62,7 @@ log = logging.getLogger("aligndial.serve")
 # again (health turns 503), so a fault that recurs on every step does not loop forever.
 RESTART_LIMIT = 5
 RESTART_WINDOW = 60.0
+STOPPED = "the engine has stopped"
 
 
 @dataclass(frozen=True)
@@ -78,12 +84,13 @@ class GenerationRequest:
 class TokenEvent:
     """One generated token of sequence `index`; the last event of a sequence has a finish_reason:
     "stop" (an end-of-sequence token, included as `token_id`), "length" (max_tokens) or "error"
-    (then `token_id` is None and `error` says what happened)."""
+    (then `token_id` is None, `error` says what happened and `status` whose fault it was)."""
 
     index: int
     token_id: int | None
     finish_reason: str | None = None
     error: str | None = None
+    status: int = 500  # the HTTP status of an error: 400 when the request's own values caused it, 503 when the engine stopped
 
 
 class EngineOverloaded(Exception):
@@ -140,6 +147,7 @@ class _Row:
     generation: Generation
     index: int
     generator: torch.Generator
+    stop_ids: frozenset[int]  # the EOS ids of the members this row's λ runs (HFEngine._stop_ids)
     position: int  # position id of the next token fed (= tokens so far)
     token: int = -1  # the last sampled token, fed at the next step
     produced: int = 0
@@ -212,8 +220,12 @@ class HFEngine:
         self.max_concurrency, self.max_queue = max_concurrency, max_queue
         self.context_length = context_length(model, tokenizer)
         eos = model.generation_config.eos_token_id
-        self.eos_ids = set(eos if isinstance(eos, list) else [] if eos is None else [eos])
+        self.eos_ids = set(eos if isinstance(eos, list) else [] if eos is None else [eos])  # a plain model's
         self.device = next(model.parameters()).device
+        self.dtype = next(model.parameters()).dtype
+        # A model that can hand back a row whose λ-mix overflowed as NaN (instead of raising for the
+        # whole step) gets asked to: then that row fails alone (docs/reliability.md, case 38).
+        self._nan_rows = "nan_rows" in inspect.signature(model.forward).parameters
         self.counters = {"prefills": 0, "decode_steps": 0, "decode_rows": 0, "generated_tokens": 0,
                          "engine_restarts": 0}
         self._lock = threading.Condition()
@@ -222,6 +234,7 @@ class HFEngine:
         self._faults: deque[float] = deque()  # times of recent engine-level faults
         self._running = 0  # len(self._rows), as last published to the event loop
         self._stopping = False
+        self._stopped = False  # the thread gave up or drained: set before it empties its queues
         self._rows: list[_Row] = []
         self._batch: BatchCache | None = None
         self._thread = threading.Thread(target=self._run, name="aligndial-engine", daemon=True)
@@ -233,15 +246,15 @@ class HFEngine:
         self._thread.start()
 
     def healthy(self) -> bool:
-        return self._thread.is_alive() and not self._stopping
+        return self._thread.is_alive() and not self._stopping and not self._stopped
 
     def submit(self, request: GenerationRequest) -> Generation:
         """Queue a request; raises `EngineOverloaded` or `EngineUnavailable` instead of queueing
         without bound. Call from the event loop that will read the events."""
         generation = Generation(request, asyncio.get_running_loop())
         with self._lock:
-            if self._stopping or not self._thread.is_alive():
-                raise EngineUnavailable("the engine is shutting down" if self._stopping else "the engine thread is not running")
+            if self._stopping or self._stopped or not self._thread.is_alive():
+                raise EngineUnavailable("the engine is shutting down" if self._stopping else "the engine has stopped")
             in_flight = self._queued() + self._running
             if in_flight + request.n > self.max_concurrency + self.max_queue:
                 raise EngineOverloaded(f"{in_flight} sequences are in flight and the server takes at most "
@@ -279,12 +292,13 @@ class HFEngine:
             log.exception("the engine thread died")
             raise
         finally:  # after a crash, nobody may wait forever (after a drain, nothing is left)
-            with self._lock:
+            with self._lock:  # from here `submit` refuses (503), so nothing joins a queue nobody reads
+                self._stopped = True
                 waiting, self._waiting = list(self._admitting) + list(self._waiting), deque()
                 self._admitting = deque()
             rows, self._rows, self._batch = self._rows, [], None
-            self._fail(rows, "the engine stopped")
-            self._fail_waiting(waiting, "the engine stopped")
+            self._fail(rows, STOPPED, status=503)
+            self._fail_waiting(waiting, STOPPED, status=503)
 
     def _serve(self) -> bool:
         """Run the loop; True when it stopped cleanly, False after a fault it recovered from."""
@@ -321,12 +335,12 @@ class HFEngine:
                 self._decode_step()
                 self._prune()
 
-    def _fail_waiting(self, generations: list[Generation], message: str) -> None:
+    def _fail_waiting(self, generations: list[Generation], message: str, status: int = 500) -> None:
         """End requests that have no rows and are in no queue, with an error event per sequence."""
         for generation in generations:
             for i in range(generation.request.n):
                 if i not in generation.cancelled:
-                    generation.emit(TokenEvent(i, None, "error", message))
+                    generation.emit(TokenEvent(i, None, "error", message, status))
         self._account()
 
     def _take_waiting(self) -> list[Generation]:
@@ -351,6 +365,8 @@ class HFEngine:
         kwargs = dict(attention_mask=mask, position_ids=positions, past_key_values=cache, use_cache=True, logits_to_keep=1)
         if self.n_aligned:
             kwargs.update(lam=lam, run_all=True)
+        if self._nan_rows:
+            kwargs["nan_rows"] = True
         # A mixed model raises on NaN itself; for a plain one, sample() refuses a NaN row (that
         # request fails, not the whole step).
         return self.model(input_ids, **kwargs).logits[:, -1].float()
@@ -375,7 +391,8 @@ class HFEngine:
         try:
             ids = torch.tensor([request.prompt_ids], device=self.device)  # (1, T)
             mask, positions = torch.ones_like(ids), torch.arange(ids.shape[1], device=self.device)[None]
-            rows = [_Row(generation, i, self._generator(request, i), position=ids.shape[1]) for i in range(request.n)]
+            stop = self._stop_ids(request.lam)
+            rows = [_Row(generation, i, self._generator(request, i), stop, position=ids.shape[1]) for i in range(request.n)]
             cache = self._new_cache()
             logits = self._forward(ids, mask, positions, cache, self._lam(rows[:1]))
             self.counters["prefills"] += 1
@@ -425,16 +442,24 @@ class HFEngine:
             if row.gone:
                 continue
             try:
-                token = sample(row_logits, row.request, row.generator)
+                token = sample(row_logits, row.request, row.generator)  # refuses NaN logits
             except Exception as e:
-                log.warning("sampling failed for one request (%s: %s); failing that request", type(e).__name__, e)
-                self._fail_request(row.generation, f"sampling failed: {type(e).__name__}: {e}")
+                overflow = self._overflow(row, row_logits)  # the request's own λ, or something else?
+                log.warning("sampling failed for one request (%s); failing that request", overflow or f"{type(e).__name__}: {e}")
+                self._fail_request(row.generation, overflow or f"sampling failed: {type(e).__name__}: {e}",
+                                   status=400 if overflow else 500)
                 continue
             row.token, row.produced = token, row.produced + 1
-            finish = "stop" if token in self.eos_ids else "length" if row.produced >= row.request.max_tokens else None
+            finish = "stop" if token in row.stop_ids else "length" if row.produced >= row.request.max_tokens else None
             row.finished = finish is not None
             self.counters["generated_tokens"] += 1
             row.generation.emit(TokenEvent(row.index, token, finish))
+
+    def _stop_ids(self, lam: list[float] | None) -> frozenset[int]:
+        """The EOS ids of a row with this λ: those of the members its λ runs, as `generate` stops
+        (`RealignedPair.eos_token_ids`, one rule for every engine), never those of the batch."""
+        by_lam = getattr(self.model, "eos_token_ids", None)
+        return frozenset(self.eos_ids if by_lam is None or lam is None else by_lam(list(lam)))
 
     def _prune(self) -> None:
         """Drop finished and cancelled rows from the batch."""
@@ -448,19 +473,35 @@ class HFEngine:
             self._batch = None
         self._account()
 
-    def _fail_request(self, generation: Generation, message: str) -> None:
+    def _overflow(self, row: _Row, logits: torch.Tensor) -> str | None:
+        """Why this row's logits are NaN when the cause is the request's own λ, else None. A mix
+        whose weights [1 − Σλ, λ_1, …] all lie in [0, 1] is an interpolation and cannot overflow,
+        so NaN there means a broken model (sample() says so); a weight outside [0, 1] scales the
+        hidden states up, and the model's dtype (float16: 65504) can overflow."""
+        lam = row.request.lam
+        if lam is None or not bool(torch.isnan(logits).any()):
+            return None
+        weights = [1.0 - sum(lam), *lam]
+        if all(0.0 <= w <= 1.0 for w in weights):
+            return None
+        dtype = str(self.dtype).removeprefix("torch.")
+        shown = f"{lam[0]:g}" if len(lam) == 1 else str(lam)
+        return (f"`alignment_strength` {shown} makes the λ-mix of this {dtype} model overflow {dtype}; use a smaller "
+                "|λ|, or serve the model with `--dtype bfloat16` or `--dtype float32`")
+
+    def _fail_request(self, generation: Generation, message: str, status: int = 500) -> None:
         """End every live row of `generation` in the batch with an error event; `_prune` then
         removes them (and counts them)."""
         for r in self._rows:
             if r.generation is generation and not r.gone:
-                r.generation.emit(TokenEvent(r.index, None, "error", message))
+                r.generation.emit(TokenEvent(r.index, None, "error", message, status))
                 r.finished = True
 
-    def _fail(self, rows: list[_Row], message: str) -> None:
+    def _fail(self, rows: list[_Row], message: str, status: int = 500) -> None:
         """End `rows`, which are no longer in the batch, with an error event each."""
         for r in rows:
             if not r.gone:
-                r.generation.emit(TokenEvent(r.index, None, "error", message))
+                r.generation.emit(TokenEvent(r.index, None, "error", message, status))
             r.finished = True
         self._account()
 

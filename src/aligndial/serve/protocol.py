@@ -62,6 +62,13 @@ _OFF = {
 }
 
 
+class _Named:
+    """A stand-in for pydantic's ValidationInfo where a validator checks a nested value by name."""
+
+    def __init__(self, field_name: str):
+        self.field_name = field_name
+
+
 class StreamOptions(BaseModel):
     include_usage: StrictBool = False
 
@@ -84,6 +91,8 @@ class _Sampling(BaseModel):
         None, description="λ: 0 = reference, 1 = aligned, >1 extrapolates; a list gives one weight per aligned model"
     )
     lam: float | list[float] | None = Field(None, description="the same as `alignment_strength`")
+    vllm_xargs: dict[str, Any] | None = Field(
+        None, description="as sent to `vllm serve`: only `alignment_strength` (or `lam`), the same field again")
     top_k: StrictInt = Field(0, ge=0, description="keep the k most likely tokens; 0 = off")
     return_token_ids: StrictBool = Field(False, description="add each choice's generated `token_ids` (as vLLM does)")
 
@@ -125,6 +134,20 @@ class _Sampling(BaseModel):
         checked = [check_lam(x, info.field_name) for x in items]
         return checked if isinstance(value, list) else checked[0]
 
+    @field_validator("vllm_xargs", mode="before")
+    @classmethod
+    def _xargs(cls, value):
+        """vLLM's per-request extension dict: λ given there (as to `vllm serve` with the aligndial
+        plugin) is checked like the top-level field; any other key is refused, never ignored."""
+        if value is None:
+            return None
+        if not isinstance(value, dict):
+            raise ValueError(f"`vllm_xargs` must be an object such as {{\"alignment_strength\": 0.5}}; got {value!r}")
+        unknown = sorted(set(value) - {"alignment_strength", "lam"})
+        if unknown:
+            raise ValueError(f"`vllm_xargs` takes only `alignment_strength` (or `lam`) on aligndial serve; got {unknown}")
+        return {k: cls._finite_strength(v, _Named(k)) for k, v in value.items()}
+
     @field_validator("seed")
     @classmethod
     def _seed_range(cls, value):
@@ -143,14 +166,18 @@ class _Sampling(BaseModel):
         return stops
 
     def strength(self) -> tuple[str, float | list[float] | None]:
-        """(the field the client used, its value); both fields given must agree."""
-        if self.alignment_strength is not None and self.lam is not None and self.alignment_strength != self.lam:
-            raise ValueError(
-                f"`alignment_strength` ({self.alignment_strength}) and `lam` ({self.lam}) disagree; send only one"
-            )
-        if self.lam is not None and self.alignment_strength is None:
-            return "lam", self.lam
-        return "alignment_strength", self.alignment_strength
+        """(the field the client used, its value); every field given (`alignment_strength`, `lam`,
+        and either inside `vllm_xargs`) must agree."""
+        given = [(name, value) for name, value in (("alignment_strength", self.alignment_strength), ("lam", self.lam),
+                                                     *((f"vllm_xargs.{k}", v) for k, v in (self.vllm_xargs or {}).items()))
+                 if value is not None]
+        for name, value in given[1:]:
+            if value != given[0][1]:
+                raise ValueError(f"`{given[0][0]}` ({given[0][1]}) and `{name}` ({value}) disagree; send only one")
+        if not given:
+            return "alignment_strength", None
+        name, value = given[0]
+        return name.removeprefix("vllm_xargs."), value
 
 
 class CompletionRequest(_Sampling):

@@ -86,8 +86,14 @@ class VLLMEngine:
         generation = _VLLMGeneration(request, asyncio.get_running_loop())
         self._in_flight += request.n
         for i in range(request.n):
-            generation.tasks[i] = asyncio.create_task(self._sequence(generation, i))
+            task = generation.tasks[i] = asyncio.create_task(self._sequence(generation, i))
+            # Counted down when the task ends however it ends: a task cancelled before its first step
+            # never runs its body (nor a `finally` in it), and its sequence would stay "in flight".
+            task.add_done_callback(self._sequence_done)
         return generation
+
+    def _sequence_done(self, task: asyncio.Task) -> None:
+        self._in_flight -= 1
 
     def shutdown(self, timeout: float | None = None) -> None:
         self._stopping = True
@@ -126,8 +132,6 @@ class VLLMEngine:
         except Exception as e:
             log.exception("vLLM generation failed")
             generation.emit(TokenEvent(index, None, "error", f"{type(e).__name__}: {e}"))
-        finally:
-            self._in_flight -= 1
 
 
 def _finish_reason(reason: str | None) -> str:

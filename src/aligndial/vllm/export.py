@@ -60,11 +60,26 @@ TIED_HEAD_ONLY = {"gemma2"}
 TRANSFORMERS_BACKEND = {"phi", "olmo2", "gpt_neox"}
 
 
+# The number of aligned weights (K) of every aligndial export whose config this process has loaded.
+# vLLM checks a request's λ in its front end (`strength.AlignmentStrength.validate_params`, a
+# classmethod that sees only the request); a server process loads one model's config there, so
+# one K here is that model's, and a λ list of another length gets its 400 before it is scheduled.
+LOADED_N_ALIGNED: set[int] = set()
+
+
 def _config_class(base_type: str) -> type[PretrainedConfig]:
     """`Aligndial<Base>Config`: the base's config class under model_type `aligndial_<base>`."""
     base = CONFIG_MAPPING[base_type]
     name = f"Aligndial{base.__name__}"
-    cls = type(name, (base,), {"model_type": f"aligndial_{base_type}", "__module__": __name__, "__qualname__": name})
+
+    def __post_init__(self, **kwargs):
+        base.__post_init__(self, **kwargs)
+        spec = getattr(self, "aligndial", None)
+        if isinstance(spec, dict) and isinstance(spec.get("default_lam"), list):
+            LOADED_N_ALIGNED.add(len(spec["default_lam"]))
+
+    cls = type(name, (base,), {"model_type": f"aligndial_{base_type}", "__module__": __name__, "__qualname__": name,
+                               "__post_init__": __post_init__})
     globals()[name] = cls  # importable by name: vLLM pickles the config into its engine processes
     return cls
 

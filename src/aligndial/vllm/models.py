@@ -223,9 +223,16 @@ class AligndialDualPathForCausalLM(nn.Module):
 
     def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor | None:
         base, aligned = hidden_states.chunk(2, dim=-1)  # (R, H) each
-        lam = strength.active().rows(hidden_states.shape[0]).to(hidden_states.device)
+        lam = strength.active().rows(hidden_states.shape[0])  # on the host: the mix copies it over once
         if not self.softcapped:
-            return self.lm.compute_logits(mix_hidden(base, aligned, lam))
+            try:
+                return self.lm.compute_logits(mix_hidden(base, aligned, lam))
+            except ValueError:
+                # A row's λ made the hidden-state mix overflow the model's dtype (float16 at a large
+                # |λ|). Never raise on a row's values (that stops the engine core for every request):
+                # mix the two paths' logits in float32 instead, the same distribution (the head is
+                # linear and the weights sum to one), which cannot overflow for |λ| ≤ LAM_LIMIT.
+                pass
         logits = [self.lm.compute_logits(base), self.lm.compute_logits(aligned)]  # soft-capped: mix after the cap
         return mix_logits(logits[0], logits[1:], lam) if _gathered(logits) else None
 
@@ -257,9 +264,10 @@ class AligndialPairForCausalLM(nn.Module):
 
     def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor | None:
         hidden = hidden_states.chunk(len(self.names), dim=-1)
-        lam = strength.active().rows(hidden_states.shape[0]).to(hidden_states.device)
-        logits = [m.compute_logits(h) if run else None for m, h, run in zip(self.members, hidden, active_sources(lam))]
-        ran = [x for x, run in zip(logits, active_sources(lam)) if run]
+        lam = strength.active().rows(hidden_states.shape[0])  # on the host: the mix copies it over once
+        runs = active_sources(lam)
+        logits = [m.compute_logits(h) if run else None for m, h, run in zip(self.members, hidden, runs)]
+        ran = [x for x, run in zip(logits, runs) if run]
         return mix_logits(logits[0], logits[1:], lam) if _gathered(ran) else None
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:

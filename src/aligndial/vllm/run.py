@@ -113,14 +113,12 @@ def member_eos(path: str) -> list[list[int]] | None:
 
 def stop_kwargs(eos: list[list[int]] | None, lam, n_aligned: int) -> dict:
     """SamplingParams fields that stop a row on the EOS of the members its λ runs (a non-zero
-    weight), reference first: what `RealignedPair.eos_token_ids` does on the HF engine."""
+    weight), reference first: `aligndial.pair.stop_ids`, as in `generate` and the HF engine."""
     if eos is None or lam is None:
         return {}
-    from aligndial.mixing import active_sources, lam_weights
+    from aligndial.pair import stop_ids
 
-    runs = active_sources(lam_weights(lam, 1, n_aligned))
-    ids = list(dict.fromkeys(e for member, run in zip(eos, runs) if run for e in member))
-    return {"ignore_eos": True, "stop_token_ids": ids}
+    return {"ignore_eos": True, "stop_token_ids": stop_ids(eos, lam, n_aligned)}
 
 
 def sampling_params(max_tokens: int, lam, temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0,

@@ -19,6 +19,7 @@ the most recently built processor belongs to the current input batch.
 
 from __future__ import annotations
 
+import logging
 import math
 
 import torch
@@ -26,14 +27,19 @@ from vllm import SamplingParams
 from vllm.exceptions import VLLMValidationError
 from vllm.v1.sample.logits_processor import BatchUpdate, LogitsProcessor, MoveDirectionality
 
+from aligndial.mixing import LAM_LIMIT, check_lam
+from aligndial.vllm import export
 from aligndial.vllm.export import DUAL_PATH, PAIR
 
+log = logging.getLogger("aligndial.vllm")
 KEYS = ("alignment_strength", "lam")
 _active: AlignmentStrength | None = None
 
 
 def request_lam(params: SamplingParams) -> float | list[float] | None:
-    """The λ a request asks for (None: the model's default). Raises ValueError on a bad value."""
+    """The λ a request asks for (None: the model's default). Raises ValueError on a bad value: not a
+    finite number (or list of them), beyond ±LAM_LIMIT (where a mix overflows float32), or a list
+    whose length is not the served model's number of aligned models (when this process knows it)."""
     args = params.extra_args or {}
     given = [k for k in KEYS if k in args]
     if not given:
@@ -45,6 +51,11 @@ def request_lam(params: SamplingParams) -> float | list[float] | None:
     for w in weights:
         if isinstance(w, bool) or not isinstance(w, (int, float)) or not math.isfinite(w):
             raise ValueError(f"`{key}` must be a finite number (or a list of them, one per aligned model); got {value!r}")
+        check_lam(w, key)  # within ±LAM_LIMIT
+    if len(export.LOADED_N_ALIGNED) == 1:  # the served model's K
+        (k,) = export.LOADED_N_ALIGNED
+        if len(weights) != k or (k > 1 and not isinstance(value, list)):
+            raise ValueError(f"`{key}` needs {k} weight(s), one per aligned model of this export; got {value!r}")
     if params.prompt_logprobs is not None:
         raise ValueError(f"`{key}` cannot be combined with prompt_logprobs: the prompt's logits are not mixed")
     return value
@@ -92,14 +103,23 @@ class AlignmentStrength(LogitsProcessor):
         self.batch_size = batch_update.batch_size
 
     def _weights(self, params: SamplingParams) -> list[float]:
-        lam = request_lam(params)
-        if lam is None:
+        """The row's λ. Never raises: an exception here stops the engine core for every request.
+        `validate_params` refused every bad value before scheduling; should one get here anyway
+        (a process that loaded exports of different K cannot check the length up front), the row
+        is clamped: a λ list of the wrong length runs at the export's default λ, and each weight
+        is clamped to ±LAM_LIMIT. A warning says so."""
+        try:
+            lam = request_lam(params)
+        except ValueError as e:
+            lam = e
+        weights = self.default if lam is None else None
+        if lam is not None and not isinstance(lam, ValueError):
+            weights = [float(x) for x in (lam if isinstance(lam, list) else [lam])]
+        if weights is None or len(weights) != self.n_aligned or not all(map(math.isfinite, weights)):
+            log.warning("aligndial: a request's λ %r cannot be used by this model (%d aligned); it runs at the default "
+                        "λ %s", (params.extra_args or {}), self.n_aligned, self.default)
             return self.default
-        weights = [float(x) for x in (lam if isinstance(lam, list) else [lam])]
-        if len(weights) != self.n_aligned:
-            # validate_params cannot know K; mark the row so compute_logits fails loudly, never silently.
-            return [math.nan] * self.n_aligned
-        return weights
+        return [min(max(w, -LAM_LIMIT), LAM_LIMIT) for w in weights]
 
     def rows(self, n: int) -> torch.Tensor:
         """(n, K) float32 λ for the n rows of this step's logits."""
@@ -111,10 +131,7 @@ class AlignmentStrength(LogitsProcessor):
                 f"aligndial: {n} logit rows for {self.batch_size} requests; per-request λ needs one sampled "
                 "position per request (speculative decoding and prompt logprobs are not supported)"
             )
-        lam = self.lam[:n]
-        if torch.isnan(lam).any():
-            raise ValueError(f"a request's λ has the wrong number of weights: this model mixes {self.n_aligned} aligned model(s)")
-        return lam.clone()
+        return self.lam[:n].clone()
 
 
 def active() -> AlignmentStrength:
