@@ -231,21 +231,29 @@ def test_cli_train_dpo_json(tmp_path, model_dirs, data, capsys):
     assert main(["train", "dpo", "--model", "m", "--data", data["prefs"], "--out", "o", "--full", "--lora-rank", "2"]) == 2
 
 
-def test_accelerate_two_cpu_processes(tmp_path, model_dirs, data):
+@pytest.mark.parametrize("recipe", [["sft"], ["dpo"], ["dpo", "--full"], ["distill"]], ids=" ".join)
+def test_accelerate_two_cpu_processes(tmp_path, model_dirs, data, recipe):
+    """Every recipe runs DDP under `accelerate launch` with 2 CPU processes (gloo). DPO precomputes the
+    reference log-probs on each rank: that must not race on a datasets cache file."""
     exe = os.path.join(os.path.dirname(sys.executable), "accelerate")
     cli = shutil.which("aligndial", path=os.path.dirname(sys.executable))
     out = tmp_path / "ddp"
+    ref_dir, aligned_dir, _ = model_dirs["llama"]
+    models = ["--ref", ref_dir, "--aligned", aligned_dir] if recipe[0] == "distill" else ["--model", ref_dir]
+    data_file = data["prefs"] if recipe[0] == "dpo" else data["sft"]
     proc = subprocess.run(
         # --multi_gpu selects accelerate's torchrun launcher; with no GPU the Trainer runs DDP on gloo.
         [exe, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
-         "--dynamo_backend", "no", cli, "train", "sft", "--model", model_dirs["llama"][0],
-         "--data", data["sft"], "--out", str(out), "--max_steps", "2", "--per_device_train_batch_size", "2",
+         "--dynamo_backend", "no", cli, "train", *recipe, *models,
+         "--data", data_file, "--out", str(out), "--max_steps", "2", "--per_device_train_batch_size", "2",
          "--ddp_backend", "gloo"],
         capture_output=True, text=True, timeout=600, env={**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"},
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert os.path.exists(out / "adapter_model.safetensors")
-    assert json.load(open(out / "training_summary.json"))["world_size"] == 2
+    weights = "model.safetensors" if "--full" in recipe or recipe[0] == "distill" else "adapter_model.safetensors"
+    assert os.path.exists(out / weights)
+    summary = json.load(open(out / "training_summary.json"))
+    assert summary["world_size"] == 2 and summary["steps"] == 2
 
 
 def test_on_policy_distillation_from_prompts_only(tmp_path, model_dirs):
