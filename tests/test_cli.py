@@ -235,6 +235,31 @@ def test_a_missing_local_model_directory_is_named(capsys, tmp_path, count_loads)
     assert code == 2 and f"`--ref {tmp_path / 'sft-model'}`: no such directory" in err and count_loads == []
 
 
+def test_a_missing_path_under_an_existing_directory_is_a_missing_directory(capsys, tmp_path, monkeypatch, model_dirs,
+                                                                          count_loads):
+    """`runs/student` where `runs/` exists can only be a local path: "no such directory", never a hub
+    error, for every model flag (the distill teacher's too); `org/name` with no local `org/` stays a hub id."""
+    from aligndial.cliargs import looks_local
+
+    ref, aligned, _ = model_dirs["llama"]
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "runs").mkdir()
+    (tmp_path / "d.jsonl").write_text(json.dumps({"messages": [{"role": "user", "content": "Hi"},
+                                                                {"role": "assistant", "content": "Yo"}]}) + "\n")
+    (tmp_path / "p.jsonl").write_text(json.dumps({"prompt": "Hi"}) + "\n")
+    for argv, flag in ((["generate", "--ref", ref, "--aligned", "runs/student", "--prompt", "Hi"], "--aligned"),
+                       (["serve", "--model", "runs/student"], "--model"),
+                       (["sweep", "--ref", "runs/student", "--aligned", aligned, "--lams", "0", "--prompts", "p.jsonl",
+                         "--out", "s"], "--ref"),
+                       (["train", "distill", "--ref", ref, "--aligned", "runs/student", "--data", "d.jsonl", "--out", "o"],
+                        "--aligned"),
+                       (["train", "sft", "--model", "runs/student", "--data", "d.jsonl", "--out", "o"], "--model")):
+        code, _, err = run(capsys, *argv)
+        assert code == 2 and f"`{flag} runs/student`: no such directory" in err, (argv, err)
+        assert count_loads == [], argv
+    assert not looks_local("Qwen/Qwen3-0.6B") and looks_local("runs/student")
+
+
 def test_adapter_init_message_uses_an_before_a_vowel(capsys, tmp_path, model_dirs):
     code, out, _ = run(capsys, "adapter", "init", "--model", model_dirs["llama"][0], "--out", str(tmp_path / "a"))
     assert code == 0 and out.startswith("wrote an identity 1-layer adapter"), out

@@ -14,8 +14,11 @@ from pathlib import Path
 
 
 def looks_local(name: str) -> bool:
-    """Whether a model name can only mean a local directory (a hub id is `name` or `org/name`)."""
-    return name.startswith((".", "/", "~")) or name.endswith(("/", os.sep)) or name.count("/") > 1
+    """Whether a model name can only mean a local path (a hub id is `name` or `org/name`): it starts
+    with `.`, `/` or `~`, ends with a separator, has several parts, or its parent directory exists
+    here (`runs/student` next to `runs/`)."""
+    return (name.startswith((".", "/", "~")) or name.endswith(("/", os.sep)) or name.count("/") > 1
+            or ("/" in name and os.path.isdir(os.path.dirname(name))))
 
 
 def check_model(flag: str, name: str | None) -> None:
