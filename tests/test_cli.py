@@ -260,6 +260,24 @@ def test_a_missing_path_under_an_existing_directory_is_a_missing_directory(capsy
     assert not looks_local("Qwen/Qwen3-0.6B") and looks_local("runs/student")
 
 
+def test_training_into_an_existing_out_refuses_unless_overwrite_or_resume(capsys, tmp_path, model_dirs, count_loads):
+    ref = model_dirs["llama"][0]
+    data = tmp_path / "d.jsonl"
+    data.write_text("".join(json.dumps({"prompt": f"Hi {i}", "completion": " there"}) + "\n" for i in range(4)))
+    out = tmp_path / "earlier-run"
+    out.mkdir()
+    (out / "adapter_model.safetensors").write_bytes(b"an earlier run's weights")
+    train = ["train", "sft", "--model", ref, "--data", str(data), "--out", str(out), "--max_steps", "1"]
+    code, _, err = run(capsys, *train)
+    assert code == 2 and f"`--out {out}` already holds files" in err and "--overwrite" in err, err
+    assert count_loads == [] and (out / "adapter_model.safetensors").read_bytes() == b"an earlier run's weights"
+    code, _, err = run(capsys, *train, "--resume")  # --resume applies: its own check speaks
+    assert code == 2 and "no complete checkpoint" in err, err
+    code, _, err = run(capsys, *train, "--overwrite", "--per_device_train_batch_size", "2")
+    assert code == 0, err
+    assert (out / "adapter_model.safetensors").read_bytes() != b"an earlier run's weights"
+
+
 def test_adapter_init_message_uses_an_before_a_vowel(capsys, tmp_path, model_dirs):
     code, out, _ = run(capsys, "adapter", "init", "--model", model_dirs["llama"][0], "--out", str(tmp_path / "a"))
     assert code == 0 and out.startswith("wrote an identity 1-layer adapter"), out

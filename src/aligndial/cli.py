@@ -16,7 +16,7 @@ import json
 import os
 import sys
 
-from aligndial.cliargs import check_adapter, check_file, check_model, check_models, check_prompts, looks_local
+from aligndial.cliargs import check_adapter, check_file, check_model, check_models, check_out, check_prompts, looks_local
 from aligndial.cliargs import n_aligned as flags_n_aligned
 from aligndial.mixing import check_lam
 
@@ -197,6 +197,7 @@ def cmd_train(args, rest: list[str]) -> int:
     for flag in ("--model", "--ref", "--aligned"):
         check_model(flag, getattr(args, flag[2:], None))
     _check_data(args.data)
+    check_out(args.out, args.overwrite, config.resume)
     try:
         if args.train_verb == "distill":
             out = run(args.ref, args.aligned, args.data, config, args.trust_remote_code)
@@ -416,6 +417,7 @@ def make_parser() -> argparse.ArgumentParser:
                           "--adapter-layers N --init identity|kaiming|copy. --resume continues from the last checkpoint.")
         tp.add_argument("--data", required=True, help="JSONL/CSV/parquet file, a save_to_disk directory, or a hub id")
         tp.add_argument("--out", required=True, help="output directory")
+        tp.add_argument("--overwrite", action="store_true", help="train into an --out that already holds files")
         tp.add_argument("--trust-remote-code", action="store_true", help="run model code from the checkpoint")
         tp.add_argument("--json", action="store_true", help="print the result as JSON")
         tp.set_defaults(func=cmd_train, takes_rest=True)

@@ -77,6 +77,20 @@ def check_file(flag: str, name: str | None) -> None:
         raise PermissionError(f"`{flag} {name}`: not readable (permission denied)")
 
 
+def check_out(name: str, overwrite: bool, resume: bool) -> None:
+    """A training `--out` is new or empty, unless `--overwrite` (replace what is there) or `--resume`
+    (continue its newest checkpoint). Staging entries (`.tmp-*`) do not count: another process of
+    the same multi-process run may have written them already."""
+    path = Path(name).expanduser()
+    if path.exists() and not path.is_dir():
+        raise ValueError(f"`--out {name}`: is a file; give a directory")
+    if resume or overwrite or not path.is_dir():
+        return
+    if any(not entry.name.startswith(".tmp-") for entry in path.iterdir()):
+        raise ValueError(f"`--out {name}` already holds files (an earlier run?); pass --overwrite to write into it anyway, "
+                         "--resume to continue from its last checkpoint, or choose another --out")
+
+
 def check_prompts(prompts: list, chat: bool, where: str) -> None:
     """Prompts given as `messages` need `--chat` (they are rendered by the chat template)."""
     if chat:
