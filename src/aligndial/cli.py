@@ -164,7 +164,7 @@ def cmd_export_vllm(args) -> int:
         check_model("--aligned", name)
     from aligndial.lora_pair import refuse_vllm
 
-    refuse_vllm(args.aligned)  # vLLM cannot run a LoRA-aligned pair (docs/lora.md)
+    refuse_vllm(args.aligned, f"Serve the pair as it is with `aligndial serve --ref {args.ref} --aligned ...` (no export)")
     if args.default_lam is not None:
         _lam_list(args.default_lam, len(args.aligned))
     tok = load_tokenizer(args.ref, args.trust_remote_code)
