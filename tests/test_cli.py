@@ -278,6 +278,24 @@ def test_training_into_an_existing_out_refuses_unless_overwrite_or_resume(capsys
     assert (out / "adapter_model.safetensors").read_bytes() != b"an earlier run's weights"
 
 
+def test_an_empty_api_key_is_an_error_and_an_empty_env_key_warns(capsys, caplog, monkeypatch, model_dirs, count_loads):
+    """`--api-key "$KEY"` with KEY unset must not start an open server; an empty ALIGNDIAL_API_KEY
+    serves without a key and says so, on loopback too."""
+    from aligndial.cli import make_parser
+    from aligndial.serve import settings_from_args
+
+    ref = model_dirs["llama"][0]
+    for key in ("", "  "):
+        code, _, err = run(capsys, "serve", "--model", ref, "--api-key", key)
+        assert code == 2 and "`--api-key" in err and "is empty" in err and len(err.strip().splitlines()) == 1, err
+    assert count_loads == []
+    monkeypatch.setenv("ALIGNDIAL_API_KEY", "")
+    with caplog.at_level("WARNING", logger="aligndial.serve"):
+        settings = settings_from_args(make_parser().parse_args(["serve", "--model", ref]))
+    assert settings.api_key is None and settings.host == "127.0.0.1"
+    assert any("ALIGNDIAL_API_KEY is set but empty" in r.getMessage() for r in caplog.records), caplog.text
+
+
 def test_adapter_init_message_uses_an_before_a_vowel(capsys, tmp_path, model_dirs):
     code, out, _ = run(capsys, "adapter", "init", "--model", model_dirs["llama"][0], "--out", str(tmp_path / "a"))
     assert code == 0 and out.startswith("wrote an identity 1-layer adapter"), out

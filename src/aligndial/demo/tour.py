@@ -4,7 +4,8 @@
     aligndial demo tour --out DIR
 
 Writes copies of the bundled models: `sft-model/` (the reference), `dpo-model/` (aligned by full
-DPO), `student-model/` (a TrRa student distilled from the two at λ=2) and `large-model/` (a larger
+DPO), `careful-adapter/` (a one-layer adapter on `sft-model` trained by SFT on careful replies),
+`student-model/` (a TrRa student distilled from the two at λ=2) and `large-model/` (a larger
 reference over the same tokenizer, for weak-to-strong steering); and small files in the formats
 the commands take, from the demo task (`aligndial.demo.task`):
 
@@ -29,7 +30,8 @@ from pathlib import Path
 from aligndial.demo import task
 from aligndial.demo.build import BUNDLE, check_bundle
 
-MODELS = {"sft-model": "ref", "dpo-model": "aligned", "student-model": "trra", "large-model": "large"}
+MODELS = {"sft-model": "ref", "dpo-model": "aligned", "careful-adapter": "adapter", "student-model": "trra",
+          "large-model": "large"}
 
 REWARDS = '''"""A reward for `aligndial sweep --metric reward:my_rewards:careful`: (prompt, response) -> float."""
 

@@ -92,13 +92,29 @@ def settings_from_args(args):
         model_name=args.model if args.model else "+".join(args.aligned or []),
         default_lam=_default_lam(args.default_lam, n_aligned, lo, hi),
         lam_range=(lo, hi),
-        api_key=args.api_key or os.environ.get("ALIGNDIAL_API_KEY") or None,
+        api_key=_api_key(args.api_key),
         host=args.host,
         port=args.port,
         max_concurrency=args.max_concurrency,
         max_queue=args.max_queue,
         **limits.from_args(args),
     )
+
+
+def _api_key(flag: str | None) -> str | None:
+    """`--api-key`, else ALIGNDIAL_API_KEY, else None (an open server). An empty `--api-key` is refused:
+    it is what `--api-key "$KEY"` gives with KEY unset, and it meant to require a key. An empty
+    ALIGNDIAL_API_KEY serves without a key, with a warning whatever the host."""
+    if flag is not None:
+        if not flag.strip():
+            raise ValueError(f"`--api-key {flag!r}` is empty (an unset shell variable?); give the key, set "
+                             "ALIGNDIAL_API_KEY instead, or drop `--api-key` to serve without one")
+        return flag
+    env = os.environ.get("ALIGNDIAL_API_KEY")
+    if env is not None and not env.strip():
+        log.warning("ALIGNDIAL_API_KEY is set but empty: serving WITHOUT an API key; anyone who can reach "
+                    "the server can use it")
+    return env if env and env.strip() else None
 
 
 def run_vllm(args, settings) -> int:
