@@ -296,6 +296,19 @@ def test_an_empty_api_key_is_an_error_and_an_empty_env_key_warns(capsys, caplog,
     assert any("ALIGNDIAL_API_KEY is set but empty" in r.getMessage() for r in caplog.records), caplog.text
 
 
+def test_a_plain_model_server_logs_that_it_takes_no_lam(model_dirs):
+    """A plain `--model` server logged "λ default None, range [-5.0, 10.0]": it refuses λ, and says so."""
+    from aligndial.cli import make_parser
+    from aligndial.serve import settings_from_args, startup_line
+
+    ref, aligned, _ = model_dirs["llama"]
+    parse = make_parser().parse_args
+    plain = startup_line(settings_from_args(parse(["serve", "--model", ref])), 128)
+    assert "None" not in plain and "range" not in plain and "requests that set λ are refused" in plain, plain
+    mixed = startup_line(settings_from_args(parse(["serve", "--ref", ref, "--aligned", aligned, "--api-key", "k"])), 128)
+    assert "λ default 1.0, range [-5.0, 10.0], context 128 tokens, API key required" in mixed, mixed
+
+
 def test_adapter_init_message_uses_an_before_a_vowel(capsys, tmp_path, model_dirs):
     code, out, _ = run(capsys, "adapter", "init", "--model", model_dirs["llama"][0], "--out", str(tmp_path / "a"))
     assert code == 0 and out.startswith("wrote an identity 1-layer adapter"), out

@@ -151,12 +151,21 @@ def _serve(engine, settings) -> int:
     from aligndial.serve.guards import uvicorn_config
 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s:     %(message)s")
-    log.info("serving %r (λ default %s, range %s, context %d tokens%s)", settings.model_name, settings.default_lam,
-             list(settings.lam_range), engine.context_length, ", API key required" if settings.api_key else "")
+    log.info("%s", startup_line(settings, engine.context_length))
     if not settings.api_key and not _is_loopback(settings.host):
         log.warning("listening on %s without an API key: anyone who can reach it can use it", settings.host)
     uvicorn.Server(uvicorn_config(create_app(engine, settings), settings)).run()
     return 0
+
+
+def startup_line(settings, context_length: int) -> str:
+    """What the server logs when it starts: the model, what λ it takes, the context, the key."""
+    if settings.default_lam is None:
+        lam = "a plain model: requests that set λ are refused"
+    else:
+        lam = f"λ default {settings.default_lam}, range {list(settings.lam_range)}"
+    key = ", API key required" if settings.api_key else ""
+    return f"serving {settings.model_name!r} ({lam}, context {context_length} tokens{key})"
 
 
 def _is_loopback(host: str) -> bool:
