@@ -308,3 +308,18 @@ def test_data_sources(tmp_path):
         assert len(validate(load_data(str(tmp_path / spec)), "preference")) == 3
     with pytest.raises(FileNotFoundError, match="no such file"):
         load_data(str(tmp_path / "missing.jsonl"))
+
+
+def test_distill_keeps_trl_experimental_warning_behind_verbose(tmp_path, model_dirs, data):
+    """Every `train distill` printed TRL's "You are importing from 'trl.experimental'" warning (GKD lives
+    there); it is shown with `--verbose` only."""
+    ref_dir, aligned_dir, _ = model_dirs["llama"]
+    env = {k: v for k, v in os.environ.items() if k != "TRL_EXPERIMENTAL_SILENCE"}
+    for verbose in ([], ["--verbose"]):
+        out = tmp_path / f"d{len(verbose)}"
+        proc = subprocess.run(
+            [sys.executable, "-m", "aligndial.cli", "train", "distill", "--ref", ref_dir, "--aligned", aligned_dir,
+             "--data", data["sft"], "--out", str(out), "--max_steps", "1", "--per_device_train_batch_size", "2", *verbose],
+            capture_output=True, text=True, timeout=600, env={**env, "HF_HUB_OFFLINE": "1"})
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        assert ("trl.experimental" in proc.stderr) == bool(verbose), proc.stderr[-3000:]

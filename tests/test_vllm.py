@@ -295,3 +295,22 @@ def test_cli_vllm_flags(dirs, tmp_path, capsys):
     assert main(["export-vllm", "--ref", dirs["llama-ref"], "--aligned", dirs["llama-aligned"], "--aligned",
                  dirs["llama-aligned"], "--out", str(tmp_path / "q")]) == 2
     assert "--default-lam" in capsys.readouterr().err
+
+
+def test_generate_engine_vllm_keeps_the_libraries_log_behind_verbose(dirs):
+    """`generate --engine vllm` printed 49 lines of vLLM and transformers notices around its output: now
+    its stdout is the rows and stderr a few lines the libraries print outside Python's logging; no vLLM
+    INFO log, no FutureWarning (`--verbose` shows them)."""
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k not in ("VLLM_LOGGING_LEVEL", "TRL_EXPERIMENTAL_SILENCE")}
+    proc = subprocess.run(
+        [sys.executable, "-m", "aligndial.cli", "generate", "--engine", "vllm", "--enforce-eager", "--ref",
+         dirs["llama-ref"], "--aligned", dirs["llama-aligned"], "--lam", "0", "--lam", "1", "--prompt", PROMPTS[0],
+         "--max-new-tokens", "4", "--json"],
+        capture_output=True, text=True, timeout=600, env={**env, "HF_HUB_OFFLINE": "1", "VLLM_CPU_KVCACHE_SPACE": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert len(proc.stdout.splitlines()) == 2
+    assert " INFO " not in proc.stderr and "FutureWarning" not in proc.stderr, proc.stderr
+    assert len(proc.stderr.splitlines()) <= 8, proc.stderr

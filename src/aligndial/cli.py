@@ -330,6 +330,9 @@ def _add_tensor_parallel_flag(p) -> None:
                         "and decodes slower (for CPU and development; docs/vllm.md gives both costs)")
 
 
+VERBOSE_HELP = "also show the libraries' notices (vLLM's start-up log, TRL and transformers warnings)"
+
+
 def make_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="aligndial", description="Alignment strength as a dial (λ).")
     sub = parser.add_subparsers(dest="verb", required=True)
@@ -349,6 +352,7 @@ def make_parser() -> argparse.ArgumentParser:
     g.add_argument("--num-beams", type=int, default=1, help="beam search with this many beams")
     g.add_argument("--think-lam", help="λ inside <think>…</think> spans; --lam applies outside (one --aligned)")
     g.add_argument("--json", action="store_true", help="one JSON object per line")
+    g.add_argument("--verbose", action="store_true", help=VERBOSE_HELP)
     g.add_argument("--engine", choices=["hf", "vllm"], default="hf",
                    help="hf: transformers generate; vllm: one vLLM batch (needs aligndial[vllm])")
     _add_tensor_parallel_flag(g)
@@ -420,6 +424,7 @@ def make_parser() -> argparse.ArgumentParser:
         tp.add_argument("--overwrite", action="store_true", help="train into an --out that already holds files")
         tp.add_argument("--trust-remote-code", action="store_true", help="run model code from the checkpoint")
         tp.add_argument("--json", action="store_true", help="print the result as JSON")
+        tp.add_argument("--verbose", action="store_true", help=VERBOSE_HELP)
         tp.set_defaults(func=cmd_train, takes_rest=True)
 
     s = sub.add_parser("serve", help="OpenAI-compatible server with λ per request (`alignment_strength`)")
@@ -464,6 +469,7 @@ def make_parser() -> argparse.ArgumentParser:
     w.add_argument("--judge-baseline-lam", type=float, default=1.0, help="the λ the judge compares against")
     w.add_argument("--judge-model", help="model name at the judge endpoint (default: the first it serves)")
     w.add_argument("--json", action="store_true", help="print the summary (and selection) as JSON")
+    w.add_argument("--verbose", action="store_true", help=VERBOSE_HELP)
     w.add_argument("--engine", choices=["hf", "vllm"], default="hf",
                    help="hf: transformers generate; vllm: every (prompt, λ) in vLLM batches (needs aligndial[vllm]); "
                         "kl and pairwise-accuracy are scored on transformers either way")
@@ -496,8 +502,11 @@ def main(argv: list[str] | None = None) -> int:
     args, rest = parser.parse_known_args(argv)
     if rest and not getattr(args, "takes_rest", False):
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
+    from aligndial.logs import quiet_libraries
+
     try:
-        return args.func(args, rest) if getattr(args, "takes_rest", False) else args.func(args)
+        with quiet_libraries(getattr(args, "verbose", True)):
+            return args.func(args, rest) if getattr(args, "takes_rest", False) else args.func(args)
     except (ValueError, OSError) as e:
         print(f"aligndial {args.verb}: error: {e}", file=sys.stderr)
         return 2
