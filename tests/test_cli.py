@@ -235,6 +235,80 @@ def test_a_missing_local_model_directory_is_named(capsys, tmp_path, count_loads)
     assert code == 2 and f"`--ref {tmp_path / 'sft-model'}`: no such directory" in err and count_loads == []
 
 
+def test_a_missing_path_under_an_existing_directory_is_a_missing_directory(capsys, tmp_path, monkeypatch, model_dirs,
+                                                                          count_loads):
+    """`runs/student` where `runs/` exists can only be a local path: "no such directory", never a hub
+    error, for every model flag (the distill teacher's too); `org/name` with no local `org/` stays a hub id."""
+    from aligndial.cliargs import looks_local
+
+    ref, aligned, _ = model_dirs["llama"]
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "runs").mkdir()
+    (tmp_path / "d.jsonl").write_text(json.dumps({"messages": [{"role": "user", "content": "Hi"},
+                                                                {"role": "assistant", "content": "Yo"}]}) + "\n")
+    (tmp_path / "p.jsonl").write_text(json.dumps({"prompt": "Hi"}) + "\n")
+    for argv, flag in ((["generate", "--ref", ref, "--aligned", "runs/student", "--prompt", "Hi"], "--aligned"),
+                       (["serve", "--model", "runs/student"], "--model"),
+                       (["sweep", "--ref", "runs/student", "--aligned", aligned, "--lams", "0", "--prompts", "p.jsonl",
+                         "--out", "s"], "--ref"),
+                       (["train", "distill", "--ref", ref, "--aligned", "runs/student", "--data", "d.jsonl", "--out", "o"],
+                        "--aligned"),
+                       (["train", "sft", "--model", "runs/student", "--data", "d.jsonl", "--out", "o"], "--model")):
+        code, _, err = run(capsys, *argv)
+        assert code == 2 and f"`{flag} runs/student`: no such directory" in err, (argv, err)
+        assert count_loads == [], argv
+    assert not looks_local("Qwen/Qwen3-0.6B") and looks_local("runs/student")
+
+
+def test_training_into_an_existing_out_refuses_unless_overwrite_or_resume(capsys, tmp_path, model_dirs, count_loads):
+    ref = model_dirs["llama"][0]
+    data = tmp_path / "d.jsonl"
+    data.write_text("".join(json.dumps({"prompt": f"Hi {i}", "completion": " there"}) + "\n" for i in range(4)))
+    out = tmp_path / "earlier-run"
+    out.mkdir()
+    (out / "adapter_model.safetensors").write_bytes(b"an earlier run's weights")
+    train = ["train", "sft", "--model", ref, "--data", str(data), "--out", str(out), "--max_steps", "1"]
+    code, _, err = run(capsys, *train)
+    assert code == 2 and f"`--out {out}` already holds files" in err and "--overwrite" in err, err
+    assert count_loads == [] and (out / "adapter_model.safetensors").read_bytes() == b"an earlier run's weights"
+    code, _, err = run(capsys, *train, "--resume")  # --resume applies: its own check speaks
+    assert code == 2 and "no complete checkpoint" in err, err
+    code, _, err = run(capsys, *train, "--overwrite", "--per_device_train_batch_size", "2")
+    assert code == 0, err
+    assert (out / "adapter_model.safetensors").read_bytes() != b"an earlier run's weights"
+
+
+def test_an_empty_api_key_is_an_error_and_an_empty_env_key_warns(capsys, caplog, monkeypatch, model_dirs, count_loads):
+    """`--api-key "$KEY"` with KEY unset must not start an open server; an empty ALIGNDIAL_API_KEY
+    serves without a key and says so, on loopback too."""
+    from aligndial.cli import make_parser
+    from aligndial.serve import settings_from_args
+
+    ref = model_dirs["llama"][0]
+    for key in ("", "  "):
+        code, _, err = run(capsys, "serve", "--model", ref, "--api-key", key)
+        assert code == 2 and "`--api-key" in err and "is empty" in err and len(err.strip().splitlines()) == 1, err
+    assert count_loads == []
+    monkeypatch.setenv("ALIGNDIAL_API_KEY", "")
+    with caplog.at_level("WARNING", logger="aligndial.serve"):
+        settings = settings_from_args(make_parser().parse_args(["serve", "--model", ref]))
+    assert settings.api_key is None and settings.host == "127.0.0.1"
+    assert any("ALIGNDIAL_API_KEY is set but empty" in r.getMessage() for r in caplog.records), caplog.text
+
+
+def test_a_plain_model_server_logs_that_it_takes_no_lam(model_dirs):
+    """A plain `--model` server logged "λ default None, range [-5.0, 10.0]": it refuses λ, and says so."""
+    from aligndial.cli import make_parser
+    from aligndial.serve import settings_from_args, startup_line
+
+    ref, aligned, _ = model_dirs["llama"]
+    parse = make_parser().parse_args
+    plain = startup_line(settings_from_args(parse(["serve", "--model", ref])), 128)
+    assert "None" not in plain and "range" not in plain and "requests that set λ are refused" in plain, plain
+    mixed = startup_line(settings_from_args(parse(["serve", "--ref", ref, "--aligned", aligned, "--api-key", "k"])), 128)
+    assert "λ default 1.0, range [-5.0, 10.0], context 128 tokens, API key required" in mixed, mixed
+
+
 def test_adapter_init_message_uses_an_before_a_vowel(capsys, tmp_path, model_dirs):
     code, out, _ = run(capsys, "adapter", "init", "--model", model_dirs["llama"][0], "--out", str(tmp_path / "a"))
     assert code == 0 and out.startswith("wrote an identity 1-layer adapter"), out

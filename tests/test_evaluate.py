@@ -523,3 +523,22 @@ def test_pairwise_only_sweep_counts_its_pairs(capsys, tmp_path, dirs):
                  "--out", str(tmp_path / "o"), "--json"])
     summary = json.loads(capsys.readouterr().out)["summary"]
     assert code == 0 and [(e["n"], e["pairwise-accuracy_n"]) for e in summary] == [(3, 3), (3, 3)]
+
+
+@pytest.mark.slow
+def test_sweep_progress_is_one_line_per_batch_when_piped(tmp_path, dirs):
+    """Piped stderr (CI logs, `| tee`) gets one progress line per finished batch of (prompt, λ) rows,
+    not a terminal bar that shows nothing until the end."""
+    import os
+    import subprocess
+    import sys
+
+    ref, aligned = dirs
+    prompts = write_jsonl(tmp_path / "p.jsonl", PROMPTS)
+    proc = subprocess.run(
+        [sys.executable, "-m", "aligndial.cli", "sweep", "--ref", ref, "--aligned", aligned, "--lams", "0,1",
+         "--prompts", prompts, "--max-new-tokens", "3", "--batch-size", "2", "--out", str(tmp_path / "s")],
+        capture_output=True, text=True, timeout=300, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    lines = [line for line in proc.stderr.splitlines() if line.startswith("generating:")]
+    assert [line.split(" rows")[0] for line in lines] == [f"generating: {n}/6" for n in (2, 4, 6)], proc.stderr

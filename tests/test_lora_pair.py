@@ -246,6 +246,10 @@ def test_cli_refuses_what_it_cannot_mix(llama_lora, tmp_path, capsys):
     for argv in (["generate", "--engine", "vllm"], ["serve", "--engine", "vllm"]):
         code = main([*argv, "--ref", base, "--aligned", a, *(["--prompt", "Hi"] if argv[0] == "generate" else [])])
         assert code == 2 and "runs only on the transformers engine" in capsys.readouterr().err
+    # export-vllm has no --engine flag: its refusal names what that command's user can do instead.
+    code = main(["export-vllm", "--ref", base, "--aligned", a, "--out", str(tmp_path / "e")])
+    err = capsys.readouterr().err
+    assert code == 2 and "--engine" not in err and "`aligndial serve --ref" in err, err
 
 
 def test_sweep_with_a_lora_dir_equals_the_merged_full_pair(llama_lora, tmp_path, capsys):

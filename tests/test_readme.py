@@ -132,7 +132,9 @@ class Runner:
     def start_server(self, line: str, timeout: float = 900) -> None:
         self.stop_server()
         log = open(self.cwd / f"server-{len(self.ran)}.log", "w")
-        self.server = subprocess.Popen(["bash", "-c", f"exec {substitute(line)}"], cwd=self.cwd, env=env(), stdout=log,
+        # No `exec`: a line may start with an assignment (`ALIGNDIAL_API_KEY=… aligndial serve`); the whole
+        # session is stopped by its process group anyway.
+        self.server = subprocess.Popen(["bash", "-c", substitute(line)], cwd=self.cwd, env=env(), stdout=log,
                                        stderr=subprocess.STDOUT, start_new_session=True)
         self.ran.append(line)
         deadline = time.monotonic() + timeout

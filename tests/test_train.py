@@ -231,21 +231,57 @@ def test_cli_train_dpo_json(tmp_path, model_dirs, data, capsys):
     assert main(["train", "dpo", "--model", "m", "--data", data["prefs"], "--out", "o", "--full", "--lora-rank", "2"]) == 2
 
 
-def test_accelerate_two_cpu_processes(tmp_path, model_dirs, data):
+@pytest.mark.parametrize("recipe", [["sft"], ["dpo"], ["dpo", "--full"], ["distill"]], ids=" ".join)
+def test_accelerate_two_cpu_processes(tmp_path, model_dirs, data, recipe):
+    """Every recipe runs DDP under `accelerate launch` with 2 CPU processes (gloo). DPO precomputes the
+    reference log-probs on each rank: that must not race on a datasets cache file."""
     exe = os.path.join(os.path.dirname(sys.executable), "accelerate")
     cli = shutil.which("aligndial", path=os.path.dirname(sys.executable))
     out = tmp_path / "ddp"
+    ref_dir, aligned_dir, _ = model_dirs["llama"]
+    models = ["--ref", ref_dir, "--aligned", aligned_dir] if recipe[0] == "distill" else ["--model", ref_dir]
+    data_file = data["prefs"] if recipe[0] == "dpo" else data["sft"]
     proc = subprocess.run(
         # --multi_gpu selects accelerate's torchrun launcher; with no GPU the Trainer runs DDP on gloo.
         [exe, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
-         "--dynamo_backend", "no", cli, "train", "sft", "--model", model_dirs["llama"][0],
-         "--data", data["sft"], "--out", str(out), "--max_steps", "2", "--per_device_train_batch_size", "2",
+         "--dynamo_backend", "no", cli, "train", *recipe, *models,
+         "--data", data_file, "--out", str(out), "--max_steps", "2", "--per_device_train_batch_size", "2",
          "--ddp_backend", "gloo"],
         capture_output=True, text=True, timeout=600, env={**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"},
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert os.path.exists(out / "adapter_model.safetensors")
-    assert json.load(open(out / "training_summary.json"))["world_size"] == 2
+    weights = "model.safetensors" if "--full" in recipe or recipe[0] == "distill" else "adapter_model.safetensors"
+    assert os.path.exists(out / weights)
+    summary = json.load(open(out / "training_summary.json"))
+    assert summary["world_size"] == 2 and summary["steps"] == 2
+
+
+def test_sft_on_messages_trains_on_assistant_tokens_only(tmp_path, capsys):
+    """`messages` rows: the loss is on the assistant's reply, not the user's turn: the first loss equals
+    that of the same rows as prompt/completion, and `--assistant_only_loss false` (every token) is higher.
+    The demo tokenizer's template has no generation markers, so the rows are split before the reply."""
+    from aligndial.demo import task
+
+    ref = os.path.join(os.path.dirname(task.__file__), "models", "ref")
+    problems = task.problems(8, 0, "train")
+    turns = [([{"role": "user", "content": p.prompt}], [{"role": "assistant", "content": task.reply(p, True)}])
+             for p in problems]
+    messages, pairs = tmp_path / "m.jsonl", tmp_path / "pc.jsonl"
+    messages.write_text("".join(json.dumps({"messages": u + a}) + "\n" for u, a in turns))
+    pairs.write_text("".join(json.dumps({"prompt": u, "completion": a}) + "\n" for u, a in turns))
+
+    def first_loss(data, name, **kw):
+        out = train_sft(ref, str(data), AdapterSFTConfig(**{**common_args(tmp_path / name), "max_steps": 1}, **kw))
+        return json.load(open(os.path.join(out, "training_summary.json")))["losses"][0]
+
+    assistant, completion = first_loss(messages, "m"), first_loss(pairs, "pc")
+    settings = capsys.readouterr().err
+    every = first_loss(messages, "all", assistant_only_loss=False)
+    print(f"first loss: messages (assistant only) {assistant:.4f}, prompt/completion {completion:.4f}, "
+          f"messages (every token) {every:.4f}")
+    assert assistant == pytest.approx(completion, rel=1e-5)
+    assert every > 2 * assistant
+    assert "loss on each row's last assistant turn" in settings, settings
 
 
 def test_on_policy_distillation_from_prompts_only(tmp_path, model_dirs):
@@ -272,3 +308,18 @@ def test_data_sources(tmp_path):
         assert len(validate(load_data(str(tmp_path / spec)), "preference")) == 3
     with pytest.raises(FileNotFoundError, match="no such file"):
         load_data(str(tmp_path / "missing.jsonl"))
+
+
+def test_distill_keeps_trl_experimental_warning_behind_verbose(tmp_path, model_dirs, data):
+    """Every `train distill` printed TRL's "You are importing from 'trl.experimental'" warning (GKD lives
+    there); it is shown with `--verbose` only."""
+    ref_dir, aligned_dir, _ = model_dirs["llama"]
+    env = {k: v for k, v in os.environ.items() if k != "TRL_EXPERIMENTAL_SILENCE"}
+    for verbose in ([], ["--verbose"]):
+        out = tmp_path / f"d{len(verbose)}"
+        proc = subprocess.run(
+            [sys.executable, "-m", "aligndial.cli", "train", "distill", "--ref", ref_dir, "--aligned", aligned_dir,
+             "--data", data["sft"], "--out", str(out), "--max_steps", "1", "--per_device_train_batch_size", "2", *verbose],
+            capture_output=True, text=True, timeout=600, env={**env, "HF_HUB_OFFLINE": "1"})
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        assert ("trl.experimental" in proc.stderr) == bool(verbose), proc.stderr[-3000:]

@@ -420,3 +420,22 @@ def test_lam_stays_on_the_host_and_is_copied_to_the_device_at_most_once_per_step
             llm.generate(prompts, params, use_tqdm=False)
     assert steps[0] >= NEW
     assert copies[0] <= steps[0] and reads[0] == 0, (copies, reads, steps)
+
+
+def test_generate_engine_vllm_keeps_the_libraries_log_behind_verbose(dirs):
+    """`generate --engine vllm` printed 49 lines of vLLM and transformers notices around its output: now
+    its stdout is the rows and stderr a few lines the libraries print outside Python's logging; no vLLM
+    INFO log, no FutureWarning (`--verbose` shows them)."""
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k not in ("VLLM_LOGGING_LEVEL", "TRL_EXPERIMENTAL_SILENCE")}
+    proc = subprocess.run(
+        [sys.executable, "-m", "aligndial.cli", "generate", "--engine", "vllm", "--enforce-eager", "--ref",
+         dirs["llama-ref"], "--aligned", dirs["llama-aligned"], "--lam", "0", "--lam", "1", "--prompt", PROMPTS[0],
+         "--max-new-tokens", "4", "--json"],
+        capture_output=True, text=True, timeout=600, env={**env, "HF_HUB_OFFLINE": "1", "VLLM_CPU_KVCACHE_SPACE": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert len(proc.stdout.splitlines()) == 2
+    assert " INFO " not in proc.stderr and "FutureWarning" not in proc.stderr, proc.stderr
+    assert len(proc.stderr.splitlines()) <= 8, proc.stderr

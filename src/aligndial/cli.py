@@ -16,7 +16,7 @@ import json
 import os
 import sys
 
-from aligndial.cliargs import check_adapter, check_file, check_model, check_models, check_prompts, looks_local
+from aligndial.cliargs import check_adapter, check_file, check_model, check_models, check_out, check_prompts, looks_local
 from aligndial.cliargs import n_aligned as flags_n_aligned
 from aligndial.mixing import check_lam
 
@@ -157,7 +157,7 @@ def cmd_export_vllm(args) -> int:
         check_model("--aligned", name)
     from aligndial.peft_dirs import refuse_vllm
 
-    refuse_vllm(args.aligned)  # vLLM cannot run a LoRA-aligned pair (docs/lora.md)
+    refuse_vllm(args.aligned, f"Serve the pair as it is with `aligndial serve --ref {args.ref} --aligned ...` (no export)")
     if args.default_lam is not None:
         _lam_list(args.default_lam, len(args.aligned))
     tok = load_tokenizer(args.ref, args.trust_remote_code)
@@ -190,6 +190,7 @@ def cmd_train(args, rest: list[str]) -> int:
     for flag in ("--model", "--ref", "--aligned"):
         check_model(flag, getattr(args, flag[2:], None))
     _check_data(args.data)
+    check_out(args.out, args.overwrite, config.resume)
     try:
         if args.train_verb == "distill":
             out = run(args.ref, args.aligned, args.data, config, args.trust_remote_code)
@@ -348,6 +349,9 @@ def _add_tensor_parallel_flag(p) -> None:
                         "and decodes slower (for CPU and development; docs/vllm.md gives both costs)")
 
 
+VERBOSE_HELP = "also show the libraries' notices (vLLM's start-up log, TRL and transformers warnings)"
+
+
 def make_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="aligndial", description="Alignment strength as a dial (λ).")
     sub = parser.add_subparsers(dest="verb", required=True)
@@ -367,6 +371,7 @@ def make_parser() -> argparse.ArgumentParser:
     g.add_argument("--num-beams", type=int, default=1, help="beam search with this many beams")
     g.add_argument("--think-lam", help="λ inside <think>…</think> spans; --lam applies outside (one --aligned)")
     g.add_argument("--json", action="store_true", help="one JSON object per line")
+    g.add_argument("--verbose", action="store_true", help=VERBOSE_HELP)
     g.add_argument("--engine", choices=["hf", "vllm"], default="hf",
                    help="hf: transformers generate; vllm: one vLLM batch (needs aligndial[vllm])")
     _add_tensor_parallel_flag(g)
@@ -435,8 +440,10 @@ def make_parser() -> argparse.ArgumentParser:
                           "--adapter-layers N --init identity|kaiming|copy. --resume continues from the last checkpoint.")
         tp.add_argument("--data", required=True, help="JSONL/CSV/parquet file, a save_to_disk directory, or a hub id")
         tp.add_argument("--out", required=True, help="output directory")
+        tp.add_argument("--overwrite", action="store_true", help="train into an --out that already holds files")
         tp.add_argument("--trust-remote-code", action="store_true", help="run model code from the checkpoint")
         tp.add_argument("--json", action="store_true", help="print the result as JSON")
+        tp.add_argument("--verbose", action="store_true", help=VERBOSE_HELP)
         tp.set_defaults(func=cmd_train, takes_rest=True)
 
     s = sub.add_parser("serve", help="OpenAI-compatible server with λ per request (`alignment_strength`)")
@@ -502,6 +509,7 @@ def make_parser() -> argparse.ArgumentParser:
     w.add_argument("--judge-baseline-lam", type=float, default=1.0, help="the λ the judge compares against")
     w.add_argument("--judge-model", help="model name at the judge endpoint (default: the first it serves)")
     w.add_argument("--json", action="store_true", help="print the summary (and selection) as JSON")
+    w.add_argument("--verbose", action="store_true", help=VERBOSE_HELP)
     w.add_argument("--engine", choices=["hf", "vllm"], default="hf",
                    help="hf: transformers generate; vllm: every (prompt, λ) in vLLM batches (needs aligndial[vllm]); "
                         "kl and pairwise-accuracy are scored on transformers either way")
@@ -534,8 +542,11 @@ def main(argv: list[str] | None = None) -> int:
     args, rest = parser.parse_known_args(argv)
     if rest and not getattr(args, "takes_rest", False):
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
+    from aligndial.logs import quiet_libraries
+
     try:
-        return args.func(args, rest) if getattr(args, "takes_rest", False) else args.func(args)
+        with quiet_libraries(getattr(args, "verbose", True)):
+            return args.func(args, rest) if getattr(args, "takes_rest", False) else args.func(args)
     except (ValueError, OSError) as e:
         print(f"aligndial {args.verb}: error: {e}", file=sys.stderr)
         return 2

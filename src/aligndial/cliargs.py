@@ -16,8 +16,11 @@ from aligndial.peft_dirs import adapter_kind
 
 
 def looks_local(name: str) -> bool:
-    """Whether a model name can only mean a local directory (a hub id is `name` or `org/name`)."""
-    return name.startswith((".", "/", "~")) or name.endswith(("/", os.sep)) or name.count("/") > 1
+    """Whether a model name can only mean a local path (a hub id is `name` or `org/name`): it starts
+    with `.`, `/` or `~`, ends with a separator, has several parts, or its parent directory exists
+    here (`runs/student` next to `runs/`)."""
+    return (name.startswith((".", "/", "~")) or name.endswith(("/", os.sep)) or name.count("/") > 1
+            or ("/" in name and os.path.isdir(os.path.dirname(name))))
 
 
 def check_model(flag: str, name: str | None) -> None:
@@ -65,6 +68,20 @@ def check_file(flag: str, name: str | None) -> None:
         raise ValueError(f"`{flag} {name}`: is a directory; give a file")
     if not os.access(path, os.R_OK):
         raise PermissionError(f"`{flag} {name}`: not readable (permission denied)")
+
+
+def check_out(name: str, overwrite: bool, resume: bool) -> None:
+    """A training `--out` is new or empty, unless `--overwrite` (replace what is there) or `--resume`
+    (continue its newest checkpoint). Staging entries (`.tmp-*`) do not count: another process of
+    the same multi-process run may have written them already."""
+    path = Path(name).expanduser()
+    if path.exists() and not path.is_dir():
+        raise ValueError(f"`--out {name}`: is a file; give a directory")
+    if resume or overwrite or not path.is_dir():
+        return
+    if any(not entry.name.startswith(".tmp-") for entry in path.iterdir()):
+        raise ValueError(f"`--out {name}` already holds files (an earlier run?); pass --overwrite to write into it anyway, "
+                         "--resume to continue from its last checkpoint, or choose another --out")
 
 
 def check_prompts(prompts: list, chat: bool, where: str) -> None:

@@ -24,6 +24,8 @@ import json
 import math
 import os
 import statistics
+import sys
+import time
 import warnings
 import zlib
 from dataclasses import asdict, dataclass, field
@@ -115,6 +117,34 @@ def _jsonable(point):
     return list(point) if isinstance(point, tuple) else point
 
 
+class Progress:
+    """Progress over (prompt, λ) rows on stderr: a bar on a terminal; piped or logged, one line per
+    finished batch (a redrawn bar would arrive as one line at the end, or as nothing)."""
+
+    def __init__(self, total: int, desc: str, file=None):
+        self.file, self.total, self.desc, self.done, self.start = file or sys.stderr, total, desc, 0, time.monotonic()
+        self.bar = None
+        if self.file.isatty():
+            from tqdm.auto import tqdm
+
+            self.bar = tqdm(total=total, desc=desc, unit="row", file=self.file)
+
+    def update(self, n: int) -> None:
+        self.done += n
+        if self.bar is not None:
+            self.bar.update(n)
+        elif self.total:
+            print(f"{self.desc}: {self.done}/{self.total} rows ({100 * self.done // self.total}%), "
+                  f"{time.monotonic() - self.start:.1f} s", file=self.file, flush=True)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        if self.bar is not None:
+            self.bar.close()
+
+
 def _key(lam, prompt_index: int, sample: int) -> tuple:
     return lam_label(lam), prompt_index, sample
 
@@ -181,7 +211,7 @@ def sweep(model, tokenizer, prompts: list[dict], config: SweepConfig, out: str |
         _write_settings(Path(out), config)
     todo = [(p, i, s) for p in config.points for i in range(len(prompts)) for s in range(config.samples)
             if _key(p, i, s) not in done]
-    with tqdm(total=len(todo), desc="generating", unit="row", disable=None) as bar:
+    with Progress(len(todo), "generating") as bar:
         step = engine.batch_rows(config.batch_size)
         for start in range(0, len(todo), step):
             new = generate_batch(engine, tokenizer, todo[start : start + step], prompts, config)

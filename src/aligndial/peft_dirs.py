@@ -15,7 +15,7 @@ ADAPTER_WEIGHTS = "adapter_model.safetensors"
 VLLM_REFUSAL = (
     "a LoRA adapter as `--aligned` runs only on the transformers engine: vLLM applies one LoRA to all of a "
     "request's tokens, and DeRa needs the same request's reference rows (adapter off) and aligned rows (adapter "
-    "on) in one step. Drop `--engine vllm`, or merge the adapter into a full model (PEFT's merge_and_unload) and "
+    "on) in one step. {instead}, or merge the adapter into a full model (PEFT's merge_and_unload) and "
     "pass that as `--aligned`."
 )
 
@@ -49,7 +49,8 @@ def check_lora_dir(path: str) -> None:
                       "`model.save_pretrained(dir)` (PEFT writes safetensors by default).")
 
 
-def refuse_vllm(aligned) -> None:
-    """vLLM cannot serve a LoRA-aligned pair (see VLLM_REFUSAL and docs/lora.md)."""
+def refuse_vllm(aligned, instead: str = "Drop `--engine vllm`") -> None:
+    """vLLM cannot serve a LoRA-aligned pair (see VLLM_REFUSAL and docs/lora.md); `instead` is what
+    the refused command's user can do (the default fits the verbs with an `--engine` flag)."""
     if any(is_lora_dir(a) for a in aligned or []):
-        raise ValueError(VLLM_REFUSAL)
+        raise ValueError(VLLM_REFUSAL.format(instead=instead))

@@ -112,7 +112,7 @@ def settings_from_args(args):
 
         check_installed(args)
     lo, hi = _lam_range(args.lam_range)
-    api_key = args.api_key or os.environ.get("ALIGNDIAL_API_KEY") or None
+    api_key = _api_key(args.api_key)
     return ServerSettings(
         model_name=args.model if args.model else "+".join(args.aligned or []),
         default_lam=_default_lam(args.default_lam, n_aligned, lo, hi),
@@ -137,6 +137,22 @@ def serve_from_args(args, settings) -> int:
     if check_args(args) == "vllm":
         return run_vllm(args, settings)
     return run(*load_mixed(args), settings)
+
+
+def _api_key(flag: str | None) -> str | None:
+    """`--api-key`, else ALIGNDIAL_API_KEY, else None (an open server). An empty `--api-key` is refused:
+    it is what `--api-key "$KEY"` gives with KEY unset, and it meant to require a key. An empty
+    ALIGNDIAL_API_KEY serves without a key, with a warning whatever the host."""
+    if flag is not None:
+        if not flag.strip():
+            raise ValueError(f"`--api-key {flag!r}` is empty (an unset shell variable?); give the key, set "
+                             "ALIGNDIAL_API_KEY instead, or drop `--api-key` to serve without one")
+        return flag
+    env = os.environ.get("ALIGNDIAL_API_KEY")
+    if env is not None and not env.strip():
+        log.warning("ALIGNDIAL_API_KEY is set but empty: serving WITHOUT an API key; anyone who can reach "
+                    "the server can use it")
+    return env if env and env.strip() else None
 
 
 def run_vllm(args, settings) -> int:
@@ -173,13 +189,22 @@ def _serve(engine, settings) -> int:
     from aligndial.serve.guards import uvicorn_config
 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s:     %(message)s")
-    log.info("serving %r (λ default %s, range %s, context %d tokens%s)", settings.model_name, settings.default_lam,
-             list(settings.lam_range), engine.context_length, ", API key required" if settings.api_key else
-             f", {len(settings.keys.policy.keys)} key(s) from {settings.keys.path}" if settings.keys else "")
+    log.info("%s", startup_line(settings, engine.context_length))
     if not settings.api_key and not settings.keys and not _is_loopback(settings.host):
         log.warning("listening on %s without an API key: anyone who can reach it can use it", settings.host)
     uvicorn.Server(uvicorn_config(create_app(engine, settings), settings)).run()
     return 0
+
+
+def startup_line(settings, context_length: int) -> str:
+    """What the server logs when it starts: the model, what λ it takes, the context, the key."""
+    if settings.default_lam is None:
+        lam = "a plain model: requests that set λ are refused"
+    else:
+        lam = f"λ default {settings.default_lam}, range {list(settings.lam_range)}"
+    key = (", API key required" if settings.api_key else
+           f", {len(settings.keys.policy.keys)} key(s) from {settings.keys.path}" if settings.keys else "")
+    return f"serving {settings.model_name!r} ({lam}, context {context_length} tokens{key})"
 
 
 def _is_loopback(host: str) -> bool:

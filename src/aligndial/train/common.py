@@ -349,6 +349,8 @@ def describe(recipe: str, args: RecipeArgs) -> str:
     precision = "float32 weights" + (", bf16 autocast" if args.bf16 else ", fp16 autocast" if args.fp16 else "")
     keys = {"dpo": ("beta",), "distill": ("lam", "student", "on_policy_fraction")}.get(recipe, ())
     extra = "".join(f", {k} {getattr(args, k)}" for k in keys)
+    if getattr(args, "loss_on", None):
+        extra += f", loss on {args.loss_on}"
     return (f"aligndial train {recipe}: {args.mode}, {lr}, {length}, batch {args.per_device_train_batch_size}"
             f"x{args.gradient_accumulation_steps}{extra}, {precision}, seed {args.seed}, "
             f"log first/last/every {args.logging_steps:g} steps, checkpoints every {args.save_steps:g} steps -> {args.output_dir}")

@@ -13,6 +13,8 @@ once (`precompute_ref_log_probs`) instead of keeping a second copy of the model 
 
 from __future__ import annotations
 
+import os
+import shutil
 from dataclasses import dataclass
 
 from trl import DPOConfig, DPOTrainer
@@ -42,6 +44,30 @@ class _DPOTrainer(RobustTrainerMixin, DPOTrainer):
     pass
 
 
+def shared_between_processes(dataset, args: AdapterDPOConfig):
+    """The dataset backed by files in a directory every process of a multi-process run reads, and that
+    directory (None in one process, or when the dataset already has files).
+
+    TRL writes the precomputed reference log-probs to a cache file named after the dataset's own files,
+    on the main process only, and every process then opens that file. An in-memory dataset (what
+    `read_data` returns for JSON lines) has no files, so each process would name a different file in
+    its own temporary directory, and every process but the main one failed to open it."""
+    if args.world_size == 1 or not args.precompute_ref_log_probs or dataset.cache_files:
+        return dataset, None
+    from datasets import load_from_disk
+
+    shared = os.path.join(args.output_dir, ".tmp-data")
+    with args.main_process_first(local=False, desc="writing the dataset for every process"):
+        if args.process_index == 0:
+            shutil.rmtree(shared, ignore_errors=True)
+            dataset.save_to_disk(shared)
+    return load_from_disk(shared), shared
+
+
 def train_dpo(model: str, data: str, args: AdapterDPOConfig, trust_remote_code: bool = False, callbacks=None) -> str:
-    return run_recipe(_DPOTrainer, model, read_data(data, "preference"), args, trust_remote_code, callbacks,
-                      recipe="dpo")
+    dataset, shared = shared_between_processes(read_data(data, "preference"), args)
+    try:
+        return run_recipe(_DPOTrainer, model, dataset, args, trust_remote_code, callbacks, recipe="dpo")
+    finally:
+        if shared is not None and args.process_index == 0:
+            shutil.rmtree(shared, ignore_errors=True)

