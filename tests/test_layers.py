@@ -22,7 +22,7 @@ PACKAGE = "aligndial"
 LAYERS: list[tuple[str, bool, list[str]]] = [
     ("maths, kernels and plain checks (no model code)", False, [
         "mixing", "kernels", "fewrows", "peft_dirs", "cliargs", "prompts", "report", "gguf", "serve.limits",
-        "demo.task", "__init__"]),
+        "demo.task", "logs", "__init__"]),
     ("loading: models, tokenizers and their checks, adapters", False, ["loading", "vocab", "tiny", "adapter"]),
     ("generation with a mixed model", False, ["generation", "scoring"]),
     ("mixed models", True, ["pair", "dualpath", "lora_pair"]),
