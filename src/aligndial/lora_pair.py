@@ -396,6 +396,7 @@ class LoraPair(MixedLM):
             inputs = {k: torch.cat([v] * n) if isinstance(v, torch.Tensor) and v.ndim and v.shape[0] == b else v
                       for k, v in inputs.items()}
             input_ids = torch.cat([input_ids] * n)
+        hidden_mix = n == 2 and self.mix_before_head  # decided (a probe forward at first use) before routing rows
         self._rows.spans = [(self.adapter_names[s - 1], i * b, (i + 1) * b) for i, s in enumerate(sources) if s > 0]
         if self.routing == "peft":
             self._rows.peft_names = [
@@ -408,7 +409,7 @@ class LoraPair(MixedLM):
                 if self._few_rows is None:
                     self._install_few_rows(input_ids.device)
                 self._few_rows.mode = "dual"
-                if n == 2 and self.mix_before_head:
+                if hidden_mix:
                     self._rows.head_mix = (b, lam[:, sources[1] - 1])  # mixed in front of the head
                     logits = self.base(input_ids=input_ids, logits_to_keep=logits_to_keep, **inputs).logits
                 else:
