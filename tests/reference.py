@@ -5,18 +5,30 @@ import torch
 from aligndial.tiny import EOS_ID
 
 
-def float64_greedy(ref, aligned, input_ids, lam, steps):
+def float64_greedy(ref, aligned, input_ids, lam, steps, eos=(EOS_ID,)):
     """Greedy tokens of softmax((1 − λ)·h_ref + λ·h_aligned), recomputing both models' full
-    logits every step (no cache) and mixing in float64. `lam` may be a function of the step."""
+    logits every step (no cache) and mixing in float64. `lam` may be a function of the step.
+    Stops after the first id in `eos`, as generate does."""
     ids = input_ids
     for step in range(steps):
         lam_t = lam(step) if callable(lam) else lam
         with torch.no_grad():
             h_ref, h_aligned = ref(ids).logits[:, -1].double(), aligned(ids).logits[:, -1].double()
-        ids = torch.cat([ids, ((1 - lam_t) * h_ref + lam_t * h_aligned).argmax(-1, keepdim=True)], dim=-1)
-        if ids[0, -1] == EOS_ID:  # generate stops at EOS too
+        width = min(h_ref.shape[-1], h_aligned.shape[-1])
+        mixed = (1 - lam_t) * h_ref[:, :width] + lam_t * h_aligned[:, :width]
+        ids = torch.cat([ids, mixed.argmax(-1, keepdim=True)], dim=-1)
+        if int(ids[0, -1]) in eos:  # generate stops at EOS too
             break
     return ids[:, input_ids.shape[1] :]
+
+
+def float64_logps(ref, aligned, enc, lam):
+    """log softmax((1 − λ)·h_ref + λ·h_aligned) at every position of the batch `enc`, from both
+    models' logits mixed in float64: (B, T, V)."""
+    with torch.no_grad():
+        h_ref, h_aligned = ref(**enc).logits.double(), aligned(**enc).logits.double()
+    width = min(h_ref.shape[-1], h_aligned.shape[-1])
+    return torch.log_softmax((1 - lam) * h_ref[..., :width] + lam * h_aligned[..., :width], dim=-1)
 
 
 # Heads with a step after the linear map, which a mix must not skip: Cohere multiplies the logits
