@@ -124,7 +124,9 @@ def test_mixed_logps_equal_the_float64_oracle(case, prompts):
     enc = batch(case, prompts)
     mask = enc["attention_mask"].bool()
     oracle = {lam: float64_logps(case.ref, case.aligned, enc, lam) for lam in (*MIXED_LAMS, 0.0, 1.0)}
-    assert (oracle[0.5] - oracle[0.0])[mask].abs().max() > 0.05, f"{case.what}: the aligned model barely differs"
+    # Not vacuous: the aligned model moves the log-probs far beyond the tolerance below (Cohere's
+    # logit scale and Granite's logits_scaling flatten them, so not by much more).
+    assert (oracle[0.5] - oracle[0.0])[mask].abs().max() > 1e-3, f"{case.what}: the aligned model barely differs"
     per_row = torch.tensor([-0.5, 0.5, 2.0])  # one λ per row, in one call
     oracle["rows"] = torch.stack([oracle[lam][i] for i, lam in enumerate(per_row.tolist())])
     for lam, expected in oracle.items():
