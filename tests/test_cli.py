@@ -14,6 +14,22 @@ from transformers import AutoModelForCausalLM
 from aligndial.cli import main
 
 
+def float64_greedy_mix(models, lam: list[float], input_ids, steps: int) -> list[int]:
+    """Greedy ids of (1 − Σλ_i)·h_ref + Σ λ_i·h_i, both (all) plain models recomputed without a
+    cache and mixed in float64, up to and including EOS: the oracle for `generate` rows."""
+    from aligndial.tiny import EOS_ID
+
+    weights = [1.0 - sum(lam), *lam]
+    ids = input_ids
+    for _ in range(steps):
+        with torch.no_grad():
+            mixed = sum(w * m(ids).logits[:, -1].double() for w, m in zip(weights, models))
+        ids = torch.cat([ids, mixed.argmax(-1, keepdim=True)], dim=-1)
+        if ids[0, -1] == EOS_ID:
+            break
+    return ids[0, input_ids.shape[1]:].tolist()
+
+
 def run(capsys, *argv):
     code = main(list(argv))
     out, err = capsys.readouterr()
@@ -34,10 +50,14 @@ def test_generate_json_contract(capsys, model_dirs, tok):
     for r in rows:
         assert set(r) == {"lam", "prompt", "text", "token_ids", "tokens_per_second"}
         assert 1 <= len(r["token_ids"]) <= 6 and r["tokens_per_second"] > 0
-    # λ=0 rows are the reference model's greedy tokens (plain transformers is the oracle).
-    enc = tok(["Hello"], return_tensors="pt")
-    expected = AutoModelForCausalLM.from_pretrained(ref).generate(**enc, max_new_tokens=6, do_sample=False)
-    assert rows[0]["token_ids"] == expected[0, enc["input_ids"].shape[1] :].tolist()[: len(rows[0]["token_ids"])]
+    # Every row is the float64 mix of the plain models' greedy tokens at its λ (λ=0: the
+    # reference alone, λ=1: the aligned model alone), whole, up to and including any EOS.
+    models = [AutoModelForCausalLM.from_pretrained(path).eval() for path in (ref, aligned)]
+    for r in rows:
+        ids = tok([r["prompt"]], return_tensors="pt")["input_ids"]
+        assert r["token_ids"] == float64_greedy_mix(models, [r["lam"]], ids, 6), r
+        assert r["text"] == tok.decode(r["token_ids"], skip_special_tokens=True)
+    assert len({tuple(r["token_ids"]) for r in rows}) > 2  # λ changes the tokens: not one model's output
 
 
 def test_generate_prompts_file_chat_and_several_aligned(capsys, tmp_path, model_dirs):
@@ -51,13 +71,30 @@ def test_generate_prompts_file_chat_and_several_aligned(capsys, tmp_path, model_
     assert code == 0
     rows = [json.loads(line) for line in out.splitlines()]
     assert [r["lam"] for r in rows] == [[0.5, 0.25], [0.5, 0.25]]
+    # (1 − 0.5 − 0.25)·h_ref + 0.5·h_1 + 0.25·h_2 in float64, on the chat-rendered prompts.
+    from aligndial.generation import render_prompts
+    from aligndial.loading import load_tokenizer
+
+    tok = load_tokenizer(ref)
+    models = [AutoModelForCausalLM.from_pretrained(path).eval() for path in (ref, a1, a2)]
+    texts = render_prompts(tok, ["Hi", [{"role": "user", "content": "Yo"}]], chat=True)
+    for row, text in zip(rows, texts):
+        ids = tok([text], return_tensors="pt", add_special_tokens=False)["input_ids"]
+        assert row["token_ids"] and row["token_ids"] == float64_greedy_mix(models, [0.5, 0.25], ids, 4), row
 
 
-def test_generate_readable_output_labels_lam(capsys, model_dirs):
+def test_generate_readable_output_labels_lam(capsys, model_dirs, tok):
     ref, aligned, _ = model_dirs["gpt2"]
     code, out, _ = run(capsys, "generate", "--ref", ref, "--aligned", aligned, "--lam", "2", "--prompt", "Hi",
                        "--max-new-tokens", "3", "--do-sample", "--seed", "1", "--top-k", "5")
     assert code == 0 and "[λ=2.0] Hi" in out
+    # Greedy, the text under the label is the float64 oracle's continuation at λ=2.
+    code, out, _ = run(capsys, "generate", "--ref", ref, "--aligned", aligned, "--lam", "2", "--prompt", "Hi",
+                       "--max-new-tokens", "5")
+    models = [AutoModelForCausalLM.from_pretrained(path).eval() for path in (ref, aligned)]
+    expected = float64_greedy_mix(models, [2.0], tok(["Hi"], return_tensors="pt")["input_ids"], 5)
+    text = tok.decode(expected, skip_special_tokens=True)
+    assert code == 0 and text.strip() and "[λ=2.0] Hi" in out and text in out, (out, text)
 
 
 @pytest.mark.parametrize(

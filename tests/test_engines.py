@@ -1,6 +1,7 @@
 """The `hf` engine of `aligndial.engines` (no vLLM needed): plain transformers is the oracle.
 
-On every architecture the vLLM classes serve, the HF dual path and pair must give the reference's
+On the architectures the vLLM classes serve beyond tests/test_contract.py's (which holds Llama, the
+Qwen3 replica and Gemma 2 to a float64 oracle), the HF dual path and pair must give the reference's
 greedy tokens at λ=0 and the aligned model's (the merged model's, for an adapter) at λ=1; the
 vLLM tests then compare vLLM with these. And `rows` answers (text, λ) pairs in any order, as
 one `generate` per λ.
@@ -20,9 +21,7 @@ from aligndial.pair import RealignedPair
 from aligndial.tiny import build_model, save
 
 ARCH_KW = {  # as tests/vllm_helpers.py builds them for vLLM (head_dim 32, Gemma tied)
-    "qwen3": {"head_dim": 32}, "mistral": {}, "phi3": {},
-    "gemma2": {"head_dim": 32, "query_pre_attn_scalar": 32, "tie_word_embeddings": True},
-    "gemma3_text": {"head_dim": 32, "query_pre_attn_scalar": 32, "tie_word_embeddings": True},
+    "mistral": {}, "phi3": {}, "gemma3_text": {"head_dim": 32, "query_pre_attn_scalar": 32, "tie_word_embeddings": True},
 }
 
 
@@ -30,7 +29,7 @@ def greedy(model, tok, prompts, **kw) -> list[list[int]]:
     return [r["token_ids"] for r in generate_rows(model, tok, prompts, max_new_tokens=10, do_sample=False, **kw)]
 
 
-@pytest.mark.parametrize("arch", list(ARCH_KW))
+@pytest.mark.parametrize("arch", ["mistral", "phi3", "gemma3_text"])
 def test_hf_dual_path_and_pair_are_the_plain_models_at_lam_0_and_1(arch, tok, prompts, tmp_path):
     ref = build_model(arch, tok, seed=0, heads=2, **ARCH_KW[arch])
     aligned = build_model(arch, tok, seed=1, heads=2, **ARCH_KW[arch])

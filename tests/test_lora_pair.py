@@ -18,7 +18,8 @@ from aligndial.lora_pair import LoraPair, LoraPairCache
 from aligndial.mixed import load_pair
 from aligndial.peft_dirs import is_lora_dir
 from aligndial.pair import RealignedPair
-from aligndial.tiny import build_model, build_tokenizer, save
+from aligndial.tiny import EOS_ID, build_model, build_tokenizer, save
+from reference import HEAD_SIDE, head_side_config
 
 LAMS = [-1.0, 0.0, 0.5, 1.0, 2.0]
 TOL = 1e-5
@@ -28,11 +29,13 @@ def plain(path):
     return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
 
 
-def make_lora(base_dir, out, seed, targets="all-linear", scale=0.1):
+def make_lora(base_dir, out, seed, targets="all-linear", scale=0.1, **config):
     """A trained-looking LoRA (random B, not PEFT's zero init, scaled so the adapted model stays
-    a moderate change of the base, as a DPO adapter is) saved as a PEFT directory."""
+    a moderate change of the base, as a DPO adapter is) saved as a PEFT directory. `config`: more
+    LoraConfig fields (e.g. lora_bias=True)."""
     torch.manual_seed(seed)
-    model = get_peft_model(plain(base_dir), LoraConfig(r=4, lora_alpha=8, target_modules=targets, init_lora_weights=False))
+    lora_config = LoraConfig(r=4, lora_alpha=8, target_modules=targets, init_lora_weights=False, **config)
+    model = get_peft_model(plain(base_dir), lora_config)
     with torch.no_grad():
         for name, p in model.named_parameters():
             if "lora_B" in name:
@@ -67,6 +70,11 @@ def assert_close_logps(got, expected, what=""):
     states before the head here, logits after two heads in the full pair)."""
     err = ((got - expected).abs() / expected.abs().clamp(min=1.0)).max().item()
     assert err <= TOL, f"{what}: mixed log-probs differ by {err:.3g} (relative; largest |logp| {expected.abs().max():.1f})"
+
+
+def until_eos(ids: list[int], eos=(EOS_ID,)) -> list[int]:
+    """Generated ids up to and including the first EOS, as `aligndial generate` reports a row."""
+    return ids[: next((i + 1 for i, t in enumerate(ids) if t in eos), len(ids))]
 
 
 def assert_equals_full_pair(lora, full, enc, lams, new_tokens=10, **gen):
@@ -110,13 +118,6 @@ def test_realigned_pair_from_pretrained_returns_a_realigned_pair_only(llama_lora
     base, (a, _) = llama_lora
     with pytest.raises(ValueError, match="load_pair"):
         RealignedPair.from_pretrained(base, a)
-
-
-def test_llama_equals_merged_full_pair(llama_lora, tok, prompts):
-    base, (a, _) = llama_lora
-    enc = tok(prompts, return_tensors="pt", padding=True)  # batch 3, left padding
-    assert enc["attention_mask"].min() == 0
-    assert_equals_full_pair(load_pair(base, a), full_pair(base, [a], tok), enc, LAMS)
 
 
 def test_lora_changes_the_model(llama_lora, tok, prompts):
@@ -176,14 +177,6 @@ def test_row_routing_equals_peft_mixed_adapter_batches(llama_lora, tok, prompts,
         assert (got - expected).abs().max() < 0.1 and (got.argmax(-1) == expected.argmax(-1)).float().mean() > 0.9
     assert not torch.equal(masked_logps(rows, enc, 0.0), got)  # the adapter rows moved the mix
 
-def test_qwen3_replica_equals_merged_full_pair(qwen3_lora, prompts):
-    base, linear, _ = qwen3_lora
-    lora = load_pair(base, linear)
-    assert isinstance(lora, LoraPair) and lora.mix_before_head
-    enc = lora.tokenizer(prompts, return_tensors="pt", padding=True)
-    assert_equals_full_pair(lora, full_pair(base, [linear], lora.tokenizer), enc, LAMS, new_tokens=8)
-
-
 def test_qwen3_lora_on_the_tied_head(qwen3_lora, prompts):
     """A LoRA on a tied head adapts the head only (the embeddings stay the base's): the head
     differs per row block, so logits are mixed after it. The oracle merges into an untied copy,
@@ -193,6 +186,89 @@ def test_qwen3_lora_on_the_tied_head(qwen3_lora, prompts):
     assert not lora.mix_before_head
     enc = lora.tokenizer(prompts, return_tensors="pt", padding=True)
     assert_equals_full_pair(lora, full_pair(base, [head], lora.tokenizer, untie=True), enc, LAMS, new_tokens=8)
+
+
+# --- issue 26: a step after the head, LoRA biases, adapters on different modules ------------------------
+
+
+@pytest.fixture(scope="module", params=HEAD_SIDE)
+def head_side_lora(request, tok, tmp_path_factory):
+    """(kind, base dir, LoRA on every linear) for a model whose own code runs after its head."""
+    root = tmp_path_factory.mktemp(request.param)
+    torch.manual_seed(0)
+    base = str(save(AutoModelForCausalLM.from_config(head_side_config(request.param, len(tok))).eval(), tok, root / "base"))
+    return request.param, base, make_lora(base, root / "lora", seed=5)
+
+
+def test_a_step_after_the_head_is_kept(head_side_lora, tok, prompts):
+    """Issue 26: the hidden-state mix called the head itself, skipping what the model does after
+    it. Before the fix, at λ=0.5: Cohere's logits 16× too sharp (its logit_scale 0.0625 skipped),
+    max |Δ log p| 6.9 against the merged pair; Granite's `logits_scaling` skipped (6.2); and
+    Gemma 3's soft-cap, kept in text_config, skipped as well."""
+    kind, base, lora_dir = head_side_lora
+    lora = load_pair(base, lora_dir)
+    assert isinstance(lora, LoraPair)
+    enc = tok(prompts, return_tensors="pt", padding=True)
+    assert_equals_full_pair(lora, full_pair(base, [lora_dir], tok), enc, LAMS, new_tokens=8)
+
+
+@pytest.mark.parametrize("kind, affine", [("cohere", True), ("granite", True), ("gemma2", False)])
+def test_hidden_mix_is_chosen_by_asking_the_model(kind, affine, tok, tmp_path):
+    """Hidden states are mixed in front of the head only where the model's own steps after it are
+    affine (a logit scale), which the pair finds by probing the model, not by config names; a
+    soft-cap (tanh) is not, so the logits are mixed. The probe leaves the global RNG alone."""
+    torch.manual_seed(0)
+    base = str(save(AutoModelForCausalLM.from_config(head_side_config(kind, len(tok))).eval(), tok, tmp_path / "base"))
+    lora = LoraPair.from_pretrained(base, make_lora(base, tmp_path / "lora", seed=5))
+    state = torch.get_rng_state()
+    assert lora.mix_before_head is affine
+    assert torch.equal(torch.get_rng_state(), state)
+
+
+def test_lora_bias_is_added_on_mixed_steps(model_dirs, tok, prompts, tmp_path):
+    """Issue 26: `LoraConfig(lora_bias=True)` gives lora_B a bias, which the in-place low-rank add
+    of a mixed step dropped (λ=0 and λ=1 run PEFT's own operations and were right). Before the
+    fix: max |Δ log p| 0.42 at λ=0.5 against the merged pair. Qwen2's q/k/v have a bias, so PEFT
+    can merge the LoRA's into it for the oracle."""
+    base = model_dirs["qwen2"][0]
+    biased = make_lora(base, tmp_path / "bias", seed=6, targets=["q_proj", "k_proj", "v_proj"], lora_bias=True)
+    lora = LoraPair.from_pretrained(base, biased)
+    assert any(m.lora_B["aligned0"].bias is not None for m in lora.base.modules() if hasattr(m, "lora_B"))
+    enc = tok(prompts, return_tensors="pt", padding=True)
+    assert_equals_full_pair(lora, full_pair(base, [biased], tok), enc, LAMS)
+
+
+@pytest.fixture(scope="module")
+def different_modules(llama_lora, tmp_path_factory):
+    """(base, LoRA on every linear, LoRA on q_proj and v_proj only)."""
+    base, (every, _) = llama_lora
+    return base, every, make_lora(base, tmp_path_factory.mktemp("qv") / "qv", seed=7, targets=["q_proj", "v_proj"])
+
+
+def test_adapters_on_different_modules(different_modules, tok, prompts):
+    """Issue 26: a layer an adapter does not cover is that adapter's base there, as in PEFT.
+    Before the fix: `KeyError: 'aligned1'` at λ=(0.5, 0.5) and at λ=(0, 1), in either order."""
+    base, every, qv = different_modules
+    enc = tok(prompts, return_tensors="pt", padding=True)
+    lams = [[0.5, 0.5], [0.0, 1.0], [1.0, 0.0], [0.6, 0.4], [1.5, -1.5], [0.0, 0.0]]
+    for order in ([every, qv], [qv, every]):
+        assert_equals_full_pair(LoraPair.from_pretrained(base, order), full_pair(base, order, tok), enc, lams)
+
+
+def test_cli_adapters_on_different_modules(different_modules, tok, capsys):
+    """The same through `aligndial generate --aligned A --aligned B`, as the issue reproduced it."""
+    base, every, qv = different_modules
+    code = main(["generate", "--ref", base, "--aligned", every, "--aligned", qv, "--lam", "0.5,0.5", "--lam", "0,1",
+                 "--prompt", "The quick brown fox", "--max-new-tokens", "8", "--json"])
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    rows = [json.loads(line) for line in out.splitlines()]
+    assert [r["lam"] for r in rows] == [[0.5, 0.5], [0.0, 1.0]]
+    full = full_pair(base, [every, qv], tok)
+    enc = tok(["The quick brown fox"], return_tensors="pt")
+    for row in rows:
+        expected = full.generate(**enc, lam=row["lam"], max_new_tokens=8, do_sample=False)[0, enc["input_ids"].shape[1]:]
+        assert row["token_ids"] and row["token_ids"] == until_eos(expected.tolist()), row
 
 
 @pytest.mark.slow
@@ -222,11 +298,12 @@ def test_cli_generate_with_a_lora_dir(llama_lora, tok, capsys):
     out, err = capsys.readouterr()
     assert code == 0, err
     rows = [json.loads(line) for line in out.splitlines()]
+    assert [(r["prompt"], r["lam"]) for r in rows] == [(p, lam) for p in ("Hello", "The quick brown fox") for lam in (0.5, 2.0)]
     full = full_pair(base, [a], tok)
     for row in rows:
         enc = tok([row["prompt"]], return_tensors="pt")
         expected = full.generate(**enc, lam=row["lam"], max_new_tokens=8, do_sample=False)[0, enc["input_ids"].shape[1]:]
-        assert row["token_ids"] == expected.tolist()[: len(row["token_ids"])]
+        assert row["token_ids"] and row["token_ids"] == until_eos(expected.tolist()), row
 
 
 def test_cli_refuses_what_it_cannot_mix(llama_lora, tmp_path, capsys):
@@ -291,7 +368,7 @@ def test_server_one_prompt_at_two_lam(llama_lora, tok):
             got = dict(zip((0.5, 2.0), pool.map(ask, (0.5, 2.0))))
     for lam, ids in got.items():
         expected = full.generate(**enc, lam=lam, max_new_tokens=10, do_sample=False)[0, enc["input_ids"].shape[1]:]
-        assert ids == expected.tolist()[: len(ids)], f"λ={lam}"
+        assert ids and ids == until_eos(expected.tolist()), f"λ={lam}"
     assert got[0.5] != got[2.0]
 
 
@@ -386,10 +463,10 @@ def test_steering_through_the_cli(steering_dirs, tok, capsys):
     assert steered["lam"] == [1.0, -1.0] and unsteered["lam"] == [0.0, 0.0]
     enc = tok(["Hello"], return_tensors="pt")
     alone = plain(large).generate(**enc, max_new_tokens=6, do_sample=False)[0, enc["input_ids"].shape[1]:].tolist()
-    assert unsteered["token_ids"] == alone[: len(unsteered["token_ids"])]  # λ=(0, 0) is the large model alone
+    assert unsteered["token_ids"] and unsteered["token_ids"] == until_eos(alone)  # λ=(0, 0) is the large model alone
     models = [plain(d) for d in steering_dirs]
     expected = float64_steered_greedy(*models, enc["input_ids"], 1.0, 6)[0, enc["input_ids"].shape[1]:].tolist()
-    assert steered["token_ids"] == expected[: len(steered["token_ids"])]
+    assert steered["token_ids"] and steered["token_ids"] == until_eos(expected)
 
 
 def test_steering_keeps_the_tokenizer_check(steering_dirs, tmp_path):

@@ -15,6 +15,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 from aligndial.cli import main
 from aligndial.loading import load_causal_lm, load_tokenizer
 from aligndial.pair import RealignedPair, check_tokenizers
+from reference import float64_greedy
 from replicas import CHAT_PROBE, QWEN3_ENDOFTEXT, QWEN3_IM_END, QWEN3_TOKENS
 
 PROMPTS = ["What is 2 + 3? Answer briefly.", "Hi"]
@@ -115,7 +116,7 @@ def test_pair_stops_on_the_eos_of_the_members_it_runs(replicas):
     assert pair.ref.generation_config.eos_token_id == QWEN3_ENDOFTEXT  # the member's own config is untouched
 
 
-# ---- 8. every family: λ=0 is the reference's greedy tokens, λ=1 the aligned model's ----
+# ---- 8. every family: λ=0 is the reference's greedy tokens, λ=1 the aligned model's, λ=0.5 the float64 mix ----
 
 FAMILIES = {
     "qwen3-fp32": lambda r: (r.qwen3("base", dtype="float32"), r.qwen3("instruct", dtype="float32")),
@@ -144,6 +145,27 @@ def test_pair_on_replicas_equals_each_model_alone(replicas, family):
     if family == "qwen3-padded-widths":
         logits = pair(chat_batch(tok)["input_ids"], lam=0.5).logits
         assert logits.shape[-1] == 151936 and torch.isneginf(logits[..., QWEN3_TOKENS:]).all()
+    # Mixed (issue 26): at λ=0.5 the log-probs over the tokenizer's ids are the float64 mix of the
+    # plain models' logits, and (float32 replicas, where a cache changes no rounding that matters)
+    # each reply is the float64 step-by-step oracle's, up to the EOS of either member.
+    ref_model, aligned_model, n = plain(ref), plain(aligned), len(tok)
+    for enc in batches:
+        mask = enc["attention_mask"].bool()
+        with torch.no_grad():
+            got = torch.log_softmax(pair(**enc, lam=0.5).logits[..., :n].double(), -1)[mask]
+            mix = 0.5 * ref_model(**enc).logits[..., :n].double() + 0.5 * aligned_model(**enc).logits[..., :n].double()
+        expected = torch.log_softmax(mix, -1)[mask]
+        err = ((got - expected).abs() / expected.abs().clamp(min=1.0)).max().item()
+        assert err < 1e-4, f"{family} λ=0.5: log-probs differ from float64 by {err:.3g}"
+    if family != "qwen3-bf16":
+        for prompt in PROMPTS:
+            one = chat_batch(tok, [prompt])
+            with torch.no_grad():
+                out = pair.generate(**one, lam=0.5, max_new_tokens=MAX_NEW, do_sample=False, pad_token_id=tok.pad_token_id)
+            got = out[0, one["input_ids"].shape[1]:].tolist()
+            expected = float64_greedy(ref_model, aligned_model, one["input_ids"], 0.5, MAX_NEW,
+                                      eos=set(pair.eos_token_ids(0.5)))[0].tolist()
+            assert got and got == expected, f"{family} λ=0.5 {prompt!r}"
 
 
 # ---- 3. members on other devices / offloaded by accelerate ----

@@ -7,11 +7,14 @@ forward of (K+1)·B rows, where rows [0, B) are the reference (adapters off) and
 [k·B, (k+1)·B) are aligned model k (adapter k on). Every LoRA linear runs its base weight once
 on all rows and adds adapter k's low-rank term to its own rows only (`_routed`). Then:
 
-- if the head is a shared linear map with no soft-capping and two row blocks are live, the
-  final hidden states are mixed and the head runs once on B rows (W(Σ w_i·x_i) = Σ w_i·W x_i
-  because the weights sum to one: DeRa Eq. 9 at the cost of one head), as the dual path does;
-- otherwise (K ≥ 2 live adapters, a LoRA on the head, Gemma's soft-cap) the head runs on all
-  rows and the logits are mixed (DeRa App. B).
+- if the head is a shared linear map, what the model does after it is affine (nothing, or a
+  logit scale as Cohere's and Granite's: asked of the model, `mix_before_head`) and two row
+  blocks are live, the final hidden states are mixed in front of the head (a pre-hook on it,
+  inside the model's own forward, so every step after the head still runs) and the head runs
+  once on B rows (W(Σ w_i·x_i) = Σ w_i·W x_i because the weights sum to one: DeRa Eq. 9 at
+  the cost of one head), as the dual path does;
+- otherwise (K ≥ 2 live adapters, a LoRA on the head, a soft-cap) the model runs on all rows
+  and its logits are mixed (DeRa App. B).
 
 Both mixes go through `aligndial.mixing`. Only sources with a non-zero weight in some row get
 rows: λ=0 is the plain base (every LoRA layer returns its base layer's output, bit for bit),
@@ -40,6 +43,9 @@ from aligndial.vocab import check_tokenizers
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
 ROUTINGS = ("rows", "peft")
+# The size of the head outputs `LoraPair._head_side_is_affine` probes with: far past where a
+# soft-cap bends (Gemma caps at 30), far below where float16 overflows.
+HEAD_PROBE_LOGIT = 1000.0
 
 
 class LoraPairCache(DynamicCache):
@@ -61,11 +67,31 @@ class LoraPairCache(DynamicCache):
 
 class _Rows:
     """Which rows each adapter owns in the current forward: `spans` of (adapter, start, stop).
-    `spans` None means "not inside a LoraPair forward": PEFT's own forward runs."""
+    `spans` None means "not inside a LoraPair forward": PEFT's own forward runs.
+
+    Also what the head's input becomes (`head_input`, the pre-hook on the head): with
+    `head_mix` = (B, λ) the two row blocks of hidden states are mixed into B rows, so the head
+    and whatever the model's own forward does after it (a logit scale, a soft-cap, …) run on the
+    mix; with `head_probe` the rows are replaced by those probe rows. A bound method of this
+    object, so `copy.deepcopy` of the model hooks the copy's own rows."""
 
     def __init__(self):
         self.spans: list[tuple[str, int, int]] | None = None
         self.peft_names: list[str] | None = None  # routing "peft": one adapter name per row
+        self.head_mix: tuple[int, torch.Tensor] | None = None
+        self.head_probe: torch.Tensor | None = None
+
+    def head_input(self, module, args, kwargs):
+        if self.head_mix is None and self.head_probe is None:
+            return None
+        hidden = args[0] if args else kwargs.pop("input")
+        if self.head_probe is not None:
+            hidden = self.head_probe
+        else:
+            b, lam = self.head_mix
+            # Two live blocks [s0, s1]: the weight of s1 is its λ, and s0's is 1 − λ (Eq. 9).
+            hidden = mix_hidden(hidden[:b], hidden[b:], lam)
+        return (hidden, *args[1:]), kwargs
 
 
 _ROUTED_CLASS: list[type] = []
@@ -77,8 +103,10 @@ def _routed_class() -> type:
     A span covering every row runs exactly PEFT's operations for vanilla LoRA (cast x to the
     adapter's dtype, `result + lora_B(lora_A(dropout(x))) * scaling`, cast back), so it is bit for
     bit PEFT's forward, and no span is the base layer alone. A span of some rows (a mixed step)
-    adds the same term to those rows in place, in two kernels when the module is in eval and x,
-    the factors and the output share a dtype; PEFT's operations on the slice otherwise.
+    adds the same term to those rows in place (lora_B's bias too, with `lora_bias`), in two
+    kernels when the module is in eval and x, the factors and the output share a dtype; PEFT's
+    operations on the slice otherwise. A span of an adapter this layer does not hold leaves its
+    rows as the base layer computed them, as PEFT does for a layer outside an adapter.
     A class (swapped in) rather than an instance `forward`, so copies of the model stay routed
     by their own `_Rows`."""
     if not _ROUTED_CLASS:
@@ -93,6 +121,8 @@ def _routed_class() -> type:
                     return super().forward(x, *args, adapter_names=rows.peft_names, **kwargs)
                 result = self.base_layer(x, *args, **kwargs)
                 for name, start, stop in rows.spans:
+                    if name not in self.lora_A:  # adapter `name` does not cover this layer: its base here, as in PEFT
+                        continue
                     lora_a, lora_b = self.lora_A[name], self.lora_B[name]
                     if start == 0 and stop == result.shape[0]:  # every row adapted: PEFT's own operations
                         xs = x.to(lora_a.weight.dtype)
@@ -108,6 +138,8 @@ def _routed_class() -> type:
                     # kernels, added in place to this block's rows (a contiguous view of result).
                     out = result[start:stop].view(-1, result.shape[-1])
                     out.addmm_(torch.mm(x[start:stop].reshape(-1, x.shape[-1]), a.t()), b.t(), alpha=self.scaling[name])
+                    if lora_b.bias is not None:  # LoraConfig(lora_bias=True): lora_B(·) adds its bias, scaled too
+                        out.add_(lora_b.bias, alpha=self.scaling[name])
                 return result
 
         _ROUTED_CLASS.append(RowRoutedLoraLinear)
@@ -189,12 +221,41 @@ class LoraPair(MixedLM):
         lora_parts = {id(m) for layer in lora_layers for d in (layer.lora_A, layer.lora_B) for m in d.values()}
         self._plain_linears = [m for m in model.base_model.modules() if type(m) is nn.Linear and id(m) not in lora_parts]
         self._few_rows = None  # the router the few-row linears read; None until decided
-        head = model.get_output_embeddings()
-        # Mixing hidden states before the head is exact only for one plain linear head (a LoRA
-        # on the head makes it differ per source; Gemma's soft-cap makes it non-linear).
-        self.mix_before_head = (
-            type(head) is nn.Linear and getattr(model.config, "final_logit_softcapping", None) is None
-        )
+        # The head's input goes through `_Rows.head_input`, so a hidden-state mix runs inside the
+        # model's own forward and every step it takes after the head still applies.
+        model.get_output_embeddings().register_forward_pre_hook(self._rows.head_input, with_kwargs=True)
+        self._mix_before_head: bool | None = None  # decided at first use (`mix_before_head`)
+
+    @property
+    def mix_before_head(self) -> bool:
+        """Whether two row blocks are mixed as hidden states before the head, which runs once on
+        B rows: exact only for one plain linear head (a LoRA on the head differs per source)
+        whose model then does something affine with its output, which commutes with a mix whose
+        weights sum to one (Cohere's logit scale: yes; Gemma's tanh soft-cap: no). Asked of the
+        model itself (`_head_side_is_affine`), not of a list of config names."""
+        if self._mix_before_head is None:
+            self._mix_before_head = type(self.base.get_output_embeddings()) is nn.Linear and self._head_side_is_affine()
+        return self._mix_before_head
+
+    def _head_side_is_affine(self) -> bool:
+        """Run the model on probe rows put in front of its head: x0, x1 and their mix at λ=2,
+        scaled so the head's outputs reach ±HEAD_PROBE_LOGIT (where a soft-cap bends). The model's
+        logits f(·) commute with the mix iff f(mix(x0, x1)) = mix(f(x0), f(x1)), to rounding."""
+        head = self.base.get_output_embeddings()
+        w = head.weight
+        x = torch.randn(2, w.shape[1], generator=torch.Generator().manual_seed(0))  # not the global RNG
+        with torch.no_grad():
+            y = head(x.to(w.device, w.dtype)).float().cpu()
+            x = (x * (HEAD_PROBE_LOGIT / y.abs().amax(-1, keepdim=True))).to(w.device, w.dtype)
+            self._rows.head_probe = torch.cat([x, mix_hidden(x[:1], x[1:], 2.0)])[:, None]  # (3, 1, H)
+            ids = torch.zeros(3, 1, dtype=torch.long, device=self.base.get_input_embeddings().weight.device)
+            try:
+                logits = self.base(input_ids=ids, use_cache=False).logits[:, -1].float()
+            finally:
+                self._rows.head_probe = None
+        expected = mix_logits(logits[:1], logits[1:2], 2.0)
+        tol = max(1e-3, 32 * torch.finfo(w.dtype).eps) * expected.abs().max()
+        return bool(((logits[2:] - expected).abs() <= tol).all())
 
     @classmethod
     def from_pretrained(cls, ref: str | None, aligned: str | list[str], dtype=None, device=None,
@@ -289,6 +350,7 @@ class LoraPair(MixedLM):
             inputs = {k: torch.cat([v] * n) if isinstance(v, torch.Tensor) and v.ndim and v.shape[0] == b else v
                       for k, v in inputs.items()}
             input_ids = torch.cat([input_ids] * n)
+        hidden_mix = n == 2 and self.mix_before_head  # decided (a probe forward at first use) before routing rows
         self._rows.spans = [(self.adapter_names[s - 1], i * b, (i + 1) * b) for i, s in enumerate(sources) if s > 0]
         if self.routing == "peft":
             self._rows.peft_names = [
@@ -301,12 +363,9 @@ class LoraPair(MixedLM):
                 if self._few_rows is None:
                     self._install_few_rows(input_ids.device)
                 self._few_rows.mode = "dual"
-                if self.mix_before_head and n == 2:
-                    hidden = self.base.base_model(input_ids=input_ids, **inputs).last_hidden_state
-                    if logits_to_keep:
-                        hidden = hidden[:, -logits_to_keep:]
-                    # Two live blocks [s0, s1]: the weight of s1 is its λ, and s0's is 1 − λ (Eq. 9).
-                    logits = self.base.get_output_embeddings()(mix_hidden(hidden[:b], hidden[b:], lam[:, sources[1] - 1]))
+                if hidden_mix:
+                    self._rows.head_mix = (b, lam[:, sources[1] - 1])  # mixed in front of the head
+                    logits = self.base(input_ids=input_ids, logits_to_keep=logits_to_keep, **inputs).logits
                 else:
                     both = self.base(input_ids=input_ids, logits_to_keep=logits_to_keep, **inputs).logits
                     per_source = [None] * (self.n_aligned + 1)
@@ -314,7 +373,7 @@ class LoraPair(MixedLM):
                         per_source[s] = both[i * b : (i + 1) * b]
                     logits = mix_logits(per_source[0], per_source[1:], lam.to(both.device))
         finally:
-            self._rows.spans = self._rows.peft_names = None
+            self._rows.spans = self._rows.peft_names = self._rows.head_mix = None
             if self._few_rows is not None:
                 self._few_rows.mode = "all"
         return CausalLMOutputWithPast(logits=logits, past_key_values=past_key_values)
