@@ -207,7 +207,8 @@ def test_server_answers_through_the_openai_client(real):
     assert r.choices[0].message.content.strip() == expected.strip()
 
 
-def test_converted_model_gives_the_same_tokens_on_vllm_as_on_hf(real, capsys):
+def test_converted_model_gives_the_same_tokens_on_vllm_as_on_hf(gguf_path, real, capsys):
+    """HF on the converted directory; vLLM on the .gguf itself, which the vLLM engine converts first."""
     if os.environ.get("ALIGNDIAL_REQUIRE_VLLM") == "1":
         import vllm  # noqa: F401  (CI: a missing vLLM is a failure, not a skip)
     else:
@@ -219,6 +220,7 @@ def test_converted_model_gives_the_same_tokens_on_vllm_as_on_hf(real, capsys):
              "--max-new-tokens", "12", "--json"]
     assert main(flags) == 0
     hf_rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    flags[flags.index(out)] = str(gguf_path)
     assert main([*flags, "--engine", "vllm", "--enforce-eager"]) == 0
     vllm_rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     assert [r["token_ids"] for r in vllm_rows] == [r["token_ids"] for r in hf_rows]
