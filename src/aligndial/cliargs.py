@@ -24,10 +24,15 @@ def looks_local(name: str) -> bool:
 
 
 def check_model(flag: str, name: str | None) -> None:
-    """A model flag names an existing model directory, or something that may be a hub id."""
+    """A model flag names an existing model directory, a GGUF file, or something that may be a hub id."""
     if not name:
         return
     path = Path(name).expanduser()
+    if path.suffix.lower() == ".gguf" and not path.is_dir():
+        from aligndial.gguf import check_gguf  # reads the file's header, not its weights
+
+        check_gguf(name, flag)
+        return
     if path.is_dir():
         if flag == "--aligned" and adapter_kind(path) is not None:
             return  # a PEFT adapter as the aligned model: the pair loads it on `--ref`
@@ -36,7 +41,7 @@ def check_model(flag: str, name: str | None) -> None:
             raise ValueError(f"`{flag} {name}`: the directory holds no config.json, so it is not a model{hint}")
         return
     if path.exists():
-        raise ValueError(f"`{flag} {name}`: not a directory; give a model directory or a hub id")
+        raise ValueError(f"`{flag} {name}`: not a directory; give a model directory, a .gguf file or a hub id")
     if looks_local(name):
         raise FileNotFoundError(f"`{flag} {name}`: no such directory")
 

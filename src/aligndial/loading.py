@@ -1,6 +1,7 @@
 """Loading real Hugging Face models and tokenizers, safely.
 
-- Any local directory or hub id goes through `from_pretrained`.
+- Any local directory or hub id goes through `from_pretrained`; a `.gguf` file goes through
+  `aligndial.gguf` (dequantized on load, `dtype` applies).
 - Weights load from safetensors only (no pickle), and remote code only runs when the caller
   passes `trust_remote_code=True` explicitly: transformers would otherwise prompt on stdin.
 - A truncated or corrupt weights file is one error naming the file and what to do.
@@ -18,6 +19,8 @@ from pathlib import Path
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from aligndial.gguf import is_gguf, load_gguf_model, load_gguf_tokenizer
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -111,6 +114,9 @@ def load_causal_lm(name: str, dtype=None, device: str | None = None, trust_remot
     if device_map is not None:
         placement = dict(device_map=device_map,
                          offload_folder=offload_folder or tempfile.mkdtemp(prefix="aligndial-offload-"))
+    if is_gguf(name):
+        model = load_gguf_model(name, parse_dtype(dtype), **placement)
+        return (model.to(device) if device is not None else model).eval()
     try:
         with _explain_remote_code(name, trust_remote_code):
             model = AutoModelForCausalLM.from_pretrained(
@@ -138,8 +144,11 @@ def load_causal_lm(name: str, dtype=None, device: str | None = None, trust_remot
 
 
 def load_tokenizer(name: str, trust_remote_code: bool = False):
-    with _explain_remote_code(name, trust_remote_code):
-        tok = AutoTokenizer.from_pretrained(name, trust_remote_code=bool(trust_remote_code))
+    if is_gguf(name):
+        tok = load_gguf_tokenizer(name)
+    else:
+        with _explain_remote_code(name, trust_remote_code):
+            tok = AutoTokenizer.from_pretrained(name, trust_remote_code=bool(trust_remote_code))
     if tok.pad_token_id is None:
         # Batched generation needs a pad token; eos is the conventional stand-in.
         tok.pad_token = tok.eos_token

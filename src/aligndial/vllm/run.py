@@ -62,6 +62,10 @@ def model_dir(args, workdir: str, default_lam=None) -> tuple[str, int]:
         model = load_causal_lm(args.model, args.dtype, trust_remote_code=trust)
         load_adapter(model, args.adapter)
         return str(export_dual_path(model, load_tokenizer(args.model, trust), Path(workdir) / "dual_path")), 1
+    from aligndial.gguf import convert, is_gguf
+
+    if is_gguf(args.model):  # vLLM (0.32, CPU) has no GGUF loader: a converted copy it can load
+        return convert(args.model, Path(workdir) / "model", args.dtype)["out"], 0
     return args.model, n
 
 
