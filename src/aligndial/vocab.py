@@ -19,7 +19,7 @@ def check_tokenizers(ref_tok, other_tok, ref_name: str = "ref", other_name: str 
     """Raise ValueError unless the two tokenizers map the same strings to the same ids (token → id
     over the whole vocabulary, added tokens included), naming the differing tokens. Where only
     EOS, BOS or pad differ, warn (naming them) instead: prompts are tokenized with the reference's
-    tokenizer, and the pair stops on the union of its members' EOS ids."""
+    tokenizer, and each row stops on the EOS ids of the members its λ runs."""
     ref_vocab, other_vocab = ref_tok.get_vocab(), other_tok.get_vocab()
     if ref_vocab != other_vocab:
         only_ref = sorted(set(ref_vocab.items()) - set(other_vocab.items()), key=lambda kv: kv[1])
@@ -41,6 +41,6 @@ def check_tokenizers(ref_tok, other_tok, ref_name: str = "ref", other_name: str 
     if diffs:
         warnings.warn(
             f"special tokens of {ref_name} and {other_name} differ: {'; '.join(diffs.values())}. Same vocabulary, so "
-            f"the pair mixes them; prompts use {ref_name}'s tokenizer and generation stops on either model's EOS.",
+            f"the pair mixes them; prompts use {ref_name}'s tokenizer and each row stops on the EOS of the members its λ runs.",
             stacklevel=2,
         )
