@@ -246,15 +246,24 @@ def stage_pairs(run: Run) -> None:
 
 
 def stage_trra_data(run: Run) -> None:
-    """The mix's own replies on the training prompts: TrRa distils per token on them (off-policy
-    for the student, on-policy for the teacher)."""
+    """TrRa's distillation data: the reference's own replies to the training prompts (the samples
+    the pairs came from), as chat rows. Off-policy for the student, as in `aligndial demo`'s TrRa;
+    sampling the mix on every training prompt would cost as much as another evaluation sweep."""
     from aligndial.demo.real_task import messages
 
-    model = run.policy("dera", str(run.path("models", "dpo-full")))
-    prompts = run.prompts["train"]
-    rows, _ = sample(model, run.tok, prompts, run.cfg, lam=run.cfg.trra_lam, desc=f"DeRa λ={run.cfg.trra_lam:g} samples")
-    write_jsonl(run.path("trra.jsonl"), [{"messages": messages(p) + [{"role": "assistant", "content": r["text"] or "."}]}
-                                         for p, r in zip(prompts, rows)])
+    rows = read_jsonl(run.path("ref-samples.jsonl"))
+    write_jsonl(run.path("trra.jsonl"), [{"messages": messages(r["prompt"]) + [{"role": "assistant", "content": r["text"] or "."}]}
+                                         for r in rows if r["text"].strip()])
+
+
+def dpo_data(run: Run) -> str:
+    """The pairs one DPO run sees (steps × batch, one epoch): TRL precomputes the reference's
+    log-probabilities over the whole file before the first step, so the file holds no more."""
+    n = run.cfg.dpo_steps * run.cfg.dpo_batch
+    path = run.path("models", f"prefs-first{n}.jsonl")
+    if not path.is_file():
+        write_jsonl(path, read_jsonl(run.path("prefs.jsonl"))[:n])
+    return str(path)
 
 
 def train_spec(run: Run, name: str) -> dict:
@@ -274,7 +283,7 @@ def train_spec(run: Run, name: str) -> dict:
     else:
         lam = float(name.removeprefix("dpo-full-lam"))
         mode, beta = {"full": True}, cfg.beta / lam
-    return {"recipe": "dpo", "model": run.model, "data": str(run.path("prefs.jsonl")),
+    return {"recipe": "dpo", "model": run.model, "data": dpo_data(run),
             "args": {**common, **mode, "beta": beta, "max_steps": cfg.dpo_steps}}
 
 
@@ -334,23 +343,20 @@ def plan(cfg: RealConfig) -> list[tuple[str, Path, callable]]:
         stages.append((f"eval {name}", Path("evals", f"{name}.json"), lambda run: stage_eval(run, name)))
 
     sweep = list(cfg.sweep_lams)
-    first = [lam for lam in (1.0, 0.0, 2.0, 0.5) if lam in sweep]
+    first = [lam for lam in (1.0, 0.0, 2.0) if lam in sweep]
     train("dpo-full")
-    for lam in first:
+    for lam in first + [lam for lam in sweep if lam not in first]:
         evaluate(f"dera-{lam:g}")
     train("dpo-adapter")
     evaluate("adapter-1")
     train("dpo-lora")
     evaluate("lora-1")
-    for lam in sorted(cfg.retrain_lams, reverse=True):
-        train(retrain_name(lam))
-        evaluate(f"alone-{retrain_name(lam)}")
-    for lam in sweep:
-        if lam not in first:
-            evaluate(f"dera-{lam:g}")
     stages.append(("trra data", Path("trra.jsonl"), stage_trra_data))
     train(trra_name(cfg))
     evaluate(f"alone-{trra_name(cfg)}")
+    for lam in sorted(cfg.retrain_lams, reverse=True):
+        train(retrain_name(lam))
+        evaluate(f"alone-{retrain_name(lam)}")
     for family in ("adapter", "lora"):
         for lam in cfg.family_lams:
             if lam != 1.0:

@@ -343,7 +343,8 @@ underneath), {cfg['dpo_steps']} steps of batch {cfg['dpo_batch']}, β = {cfg['be
 rate, bf16 autocast over float32 master weights: full DPO (`--full`), adapter-only DPO (the default:
 one identity layer before layer 0, CLM/InRa), LoRA DPO (`--lora-rank {cfg['lora_rank']}`); full DPO retrained at
 β/λ for λ = {', '.join(f'{x:g}' for x in cfg['retrain_lams'])}; a full TrRa student distilled toward the λ = {cfg['trra_lam']:g} mix of
-(reference, full DPO) for {cfg['trra_steps']} steps, on that mix's own replies to the training prompts.
+(reference, full DPO) for {cfg['trra_steps']} steps, off-policy on the reference's own replies to the training prompts (the samples the
+pairs came from). Each DPO run sees the first steps × batch pairs once.
 
 **Measurement**: one reply per held-out prompt from each policy (temperature 1, no top-k/top-p, at
 most {cfg['max_new_tokens']} new tokens, {cfg['dtype']}), the same random numbers for every policy. reward = mean
