@@ -89,3 +89,28 @@ def test_pairs_are_best_against_worst_and_ties_are_dropped():
 def test_distinct_2_counts_unique_bigrams_over_all_bigrams():
     assert real_task.distinct_2([[1, 2, 3], [1, 2, 4]]) == 3 / 4
     assert real_task.distinct_2([[5]]) == 0.0
+
+
+def test_a_stage_another_live_process_holds_is_skipped_and_a_dead_ones_is_taken_over(tmp_path):
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from aligndial.demo.real import QUICK, Run, stage_lock
+
+    run = Run("unused", tmp_path, QUICK)
+    (tmp_path / "locks").mkdir()
+    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    try:
+        (tmp_path / "locks" / "eval-dera-1.lock").write_text(str(other.pid))
+        with stage_lock(run, "eval dera-1", Path("evals/dera-1.json")) as mine:
+            assert mine is False
+    finally:
+        other.kill()
+        other.wait()
+    # The holder is gone (its pid no longer runs): this process takes the stage over, and frees it after.
+    with stage_lock(run, "eval dera-1", Path("evals/dera-1.json")) as mine:
+        assert mine is True
+        assert (tmp_path / "locks" / "eval-dera-1.lock").read_text() == str(os.getpid())
+    assert not (tmp_path / "locks" / "eval-dera-1.lock").exists()

@@ -278,7 +278,7 @@ def cmd_demo(args) -> int:
     if args.action == "real":
         if args.models or args.plot is not None or args.small or args.stage:
             raise ValueError("`--models`, `--plot`, `--small` and `--stage` do not apply to `aligndial demo real`; "
-                             "its options are --model, --out, --docs, --quick, --report-only, --seed, --json and the sizes")
+                             "its options are --model, --out, --docs, --quick, --report-only, --only, --seed, --json and the sizes")
         from aligndial.demo.real import main_from_args
 
         return main_from_args(args)

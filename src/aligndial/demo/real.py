@@ -381,7 +381,56 @@ def check_run_dir(out: Path, model: str, cfg: RealConfig) -> None:
         write_json(path, settings)
 
 
-def run(model: str, out: Path, cfg: RealConfig, docs: Path | None = None, report_only: bool = False) -> dict:
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+@contextlib.contextmanager
+def stage_lock(run: Run, name: str, output: Path):
+    """Yield True when this process should run the stage. Two processes may share a run directory
+    (e.g. one with `--only train`, to use a second core): a stage another live process holds is
+    skipped when it is an evaluation (nothing depends on one) and waited for otherwise."""
+    locks = run.path("locks")
+    locks.mkdir(exist_ok=True)
+    lock = locks / (name.replace(" ", "-").replace("/", "_") + ".lock")
+    while True:
+        try:
+            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except FileExistsError:
+            try:
+                pid = int(lock.read_text() or 0)
+            except (OSError, ValueError):
+                pid = 0
+            if pid and _alive(pid) and pid != os.getpid():
+                if name.startswith("eval"):
+                    log(f"{name}: process {pid} is running it, skipped")
+                    yield False
+                    return
+                log(f"{name}: process {pid} is running it, waiting")
+                while _alive(pid) and not run.path(output).is_file():
+                    time.sleep(10)
+                if run.path(output).is_file():
+                    yield False
+                    return
+            lock.unlink(missing_ok=True)  # its process died: take the stage over
+            continue
+        with os.fdopen(fd, "w") as f:
+            f.write(str(os.getpid()))
+        break
+    try:
+        yield True
+    finally:
+        lock.unlink(missing_ok=True)
+
+
+def run(model: str, out: Path, cfg: RealConfig, docs: Path | None = None, report_only: bool = False,
+        only: str | None = None) -> dict:
     from aligndial.demo.build import quiet_single_thread
     from aligndial.loading import load_tokenizer
 
@@ -396,13 +445,18 @@ def run(model: str, out: Path, cfg: RealConfig, docs: Path | None = None, report
         for name, output, fn in plan(cfg):
             if report_only:
                 break
+            if only == "train" and name.startswith("eval"):
+                continue
             if r.path(output).is_file():
                 log(f"{name}: done before, skipped ({output})")
                 continue
-            t = time.perf_counter()
-            log(f"{name}: running")
-            fn(r)
-            log(f"{name}: done in {time.perf_counter() - t:.0f} s")
+            with stage_lock(r, name, output) as mine:
+                if not mine:
+                    continue
+                t = time.perf_counter()
+                log(f"{name}: running")
+                fn(r)
+                log(f"{name}: done in {time.perf_counter() - t:.0f} s")
     from aligndial.demo.real_report import collect, write_docs
 
     results = collect(r, minutes=(time.perf_counter() - started) / 60)
@@ -452,13 +506,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quick", action="store_true", help="real: tiny sizes, the whole pipeline in seconds on a tiny model (tests)")
     p.add_argument("--docs", help="real: also write real-model.md, real-model.json and the plots into this directory")
     p.add_argument("--report-only", action="store_true", help="real: run no stage; write the report from what the run dir holds")
+    p.add_argument("--only", choices=["train"], help="real: run only the training stages (a second process on the same "
+                   "--out then trains while the first evaluates; each stage is locked by one process)")
     for name in SIZES:
         p.add_argument(f"--{name.replace('_', '-')}", type=int, help="real: override the configuration's value")
 
 
 def options_given(args) -> list[str]:
     """The `demo real` options set on `args`, as flags."""
-    names = ["model", "quick", "docs", "report_only", *SIZES]
+    names = ["model", "quick", "docs", "report_only", "only", *SIZES]
     return [f"--{n.replace('_', '-')}" for n in names if getattr(args, n, None) not in (None, False)]
 
 
@@ -469,7 +525,7 @@ def main_from_args(args) -> int:
 
     vader()  # the extra is installed: fail before any model loads
     results = run(model, Path(args.out or "aligndial-real-run"), cfg, Path(args.docs) if args.docs else None,
-                  args.report_only)
+                  args.report_only, args.only)
     summary = {"out": str(args.out or "aligndial-real-run"), "claims": results["claims"], "stages_missing": results["missing"]}
     if args.json:
         print(json.dumps(summary))
