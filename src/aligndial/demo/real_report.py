@@ -91,7 +91,7 @@ def frontier_reward(points: list[dict], kl: float) -> float | None:
 
 
 def _missing(what: str) -> dict:
-    return {"verdict": NOT_MEASURED, "summary": f"{what} has not been measured yet (the run stopped before these stages)."}
+    return {"verdict": NOT_MEASURED, "summary": f"{what} has not been measured yet (the run stopped before these stages)"}
 
 
 def claim_a(evals: dict) -> dict:
