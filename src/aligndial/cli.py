@@ -302,7 +302,20 @@ def cmd_lm_eval(args, rest: list[str]) -> int:
 
 
 def cmd_demo(args) -> int:
-    """`aligndial demo` runs the demo on the bundled models; `aligndial demo build` trains them."""
+    """`aligndial demo` runs the demo on the bundled models; `aligndial demo build` trains them;
+    `aligndial demo real` measures the papers' claims on a real model (aligndial.demo.real)."""
+    from aligndial.demo.real import options_given
+
+    given = options_given(args)
+    if args.action == "real":
+        if args.models or args.plot is not None or args.small or args.stage:
+            raise ValueError("`--models`, `--plot`, `--small` and `--stage` do not apply to `aligndial demo real`; "
+                             "its options are --model, --out, --docs, --quick, --report-only, --only, --seed, --json and the sizes")
+        from aligndial.demo.real import main_from_args
+
+        return main_from_args(args)
+    if given:
+        raise ValueError(f"`{given[0]}` applies to `aligndial demo real` only")
     if args.action == "tour":
         if args.models or args.plot is not None or args.small or args.seed != 0 or args.stage:
             raise ValueError("`aligndial demo tour` takes only `--out DIR` (default: the current directory)")
@@ -542,17 +555,22 @@ def make_parser() -> argparse.ArgumentParser:
     d = sub.add_parser("demo", help="the embedded demo: alignment strength as a dial on tiny models",
                        description="`aligndial demo` sweeps λ on the bundled models (no training); "
                                    "`aligndial demo build` trains them from scratch (minutes: docs/benchmarks.md).")
-    d.add_argument("action", nargs="?", choices=["build", "tour"],
-                   help="build: train the demo models from scratch; tour: write the README tour's models and files")
+    d.add_argument("action", nargs="?", choices=["build", "tour", "real"],
+                   help="build: train the demo models from scratch; tour: write the README tour's models and files; "
+                        "real: the papers' claims measured on a real model (docs/real-model.md)")
     d.add_argument("--models", help="a bundle directory written by `demo build --out` (default: the bundled one)")
     d.add_argument("--plot", help="where to write the PNG plot (default aligndial-demo.png; '' for none)")
     d.add_argument("--json", action="store_true", help="print the results as one JSON object")
     d.add_argument("--out", help="build: where to write the bundle (default: inside the installed package); "
-                   "tour: where to write the tour's files (default: the current directory)")
+                   "tour: where to write the tour's files (default: the current directory); "
+                   "real: the run directory (default aligndial-real-run; reused, finished stages are skipped)")
     d.add_argument("--seed", type=int, default=0, help="build: seeds data, initialisation and training")
     d.add_argument("--small", action="store_true", help="build: a much smaller, faster configuration (smoke test)")
     d.add_argument("--stage", help="build: train only this stage (e.g. large) into the existing bundle, with its seed "
                    "and settings; the other files stay as they are")
+    from aligndial.demo.real import add_arguments as add_real_arguments
+
+    add_real_arguments(d)
     d.set_defaults(func=cmd_demo)
     return parser
 
