@@ -6,8 +6,9 @@ same page); a page's server lines start in the background and its next lines tal
 - Lines marked `# needs: X` are skipped BY NAME and listed; X is install, gpu, internet, or time
   (one line: the full reproduction run, which trains 12 models).
 - docs/vllm.md runs in its own test (vLLM's start-up dominates its time), as the README's vLLM section does.
-- docs/real-checkpoints.md is another engineer's page on the real SmolLM2 checkpoint (tested by
-  tests/test_real_checkpoints.py); its shell lines must all be marked `# needs:`.
+- docs/real-model.md (`aligndial demo real`: hours on the real SmolLM2, tested at small sizes by
+  tests/test_demo_real.py) and docs/real-checkpoints.md (prose, tested by test_real_checkpoints.py
+  and test_gguf.py) run nothing here: every line they have must be marked `# needs:`.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from test_readme import ROOT, Runner, blocks
 
 DOCS = ROOT / "docs"
 VLLM_PAGE = "vllm.md"
-MARKED_ONLY = {"real-checkpoints.md"}  # pages whose every line must carry `# needs:` (run elsewhere)
+MARKED_ONLY = {"real-checkpoints.md", "real-model.md"}  # pages whose every line must carry `# needs:` (run elsewhere)
 REASONS = {"install", "gpu", "internet", "time"}
 PAGES = sorted(p.name for p in DOCS.glob("*.md") if p.name not in MARKED_ONLY | {VLLM_PAGE})
 TOUR = {"section": "setup", "lang": "bash", "lines": ["aligndial demo tour"]}

@@ -1,6 +1,6 @@
 """The papers' claims measured on a real trained model (SmolLM2-135M-Instruct by default).
 
-    aligndial demo real --out /work/real-run                  # resumes: finished stages are skipped
+    aligndial demo real --out aligndial-real-run              # resumes: finished stages are skipped
     aligndial demo real --out RUN --model DIR_OR_GGUF --docs docs
     aligndial demo real --out RUN --model TINY --quick        # the whole pipeline, tiny sizes (tests)
 

