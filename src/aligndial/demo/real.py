@@ -193,12 +193,12 @@ class Run:
             self._loaded.clear()
             from aligndial.dualpath import DualPathModel
             from aligndial.loading import load_causal_lm
-            from aligndial.pair import RealignedPair
+            from aligndial.mixed import load_pair
 
             if kind == "adapter":
                 model = DualPathModel.from_adapter(load_causal_lm(self.model, dtype=self.cfg.dtype), target)
-            else:  # a full model or a LoRA directory on the reference (RealignedPair picks LoraPair)
-                model = RealignedPair.from_pretrained(self.model, target, dtype=self.cfg.dtype)
+            else:  # a full model or a LoRA directory on the reference (load_pair picks LoraPair)
+                model = load_pair(self.model, target, dtype=self.cfg.dtype)
             self._loaded[key] = model.eval()
         return self._loaded[key]
 
@@ -459,7 +459,7 @@ def run(model: str, out: Path, cfg: RealConfig, docs: Path | None = None, report
                 log(f"{name}: done in {time.perf_counter() - t:.0f} s")
     from aligndial.demo.real_report import collect, write_docs
 
-    results = collect(r, minutes=(time.perf_counter() - started) / 60)
+    results = collect(r, plan(r.cfg), minutes=(time.perf_counter() - started) / 60)
     write_json(out / "results.json", results)
     if docs is not None:
         write_docs(results, docs)

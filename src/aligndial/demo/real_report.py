@@ -42,10 +42,9 @@ def cpu_flags() -> list[str]:
     return []
 
 
-def collect(run, minutes: float) -> dict:
-    """Everything the run directory holds, plus the claims judged from it."""
-    from aligndial.demo.real import plan
-
+def collect(run, stages: list, minutes: float) -> dict:
+    """Everything the run directory holds, plus the claims judged from it; `stages` is the run's
+    plan (`real.plan`), so the report can name the stages not finished yet."""
     evals = {}
     for path in sorted(run.path("evals").glob("*.json")):
         e = json.loads(path.read_text())
@@ -56,7 +55,7 @@ def collect(run, minutes: float) -> dict:
         recipes[path.parent.name] = json.loads(path.read_text())
     pairs = [json.loads(x) for x in run.path("prefs.jsonl").read_text().splitlines()] if run.path("prefs.jsonl").is_file() else []
     samples = [json.loads(x) for x in run.path("ref-samples.jsonl").read_text().splitlines()] if run.path("ref-samples.jsonl").is_file() else []
-    missing = [name for name, output, _ in plan(run.cfg) if not run.path(output).is_file()]
+    missing = [name for name, output, _ in stages if not run.path(output).is_file()]
     r = {
         "model": run.model, "run_dir": str(run.out), "config": json.loads(json.dumps(asdict(run.cfg))),
         "cpu": cpu_name(), "cpu_flags": cpu_flags(), "date": date.today().isoformat(), "minutes_this_invocation": round(minutes, 1),
