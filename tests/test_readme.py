@@ -191,7 +191,7 @@ def test_every_readme_line_runs_as_written(readme_dir):
     assert (readme_dir.cwd / "dpo-adapter" / "adapter_config.json").is_file()
 
 
-PREREQUISITES = ("aligndial demo tour", "aligndial adapter init")  # README lines the vLLM section builds on
+PREREQUISITES = ("aligndial demo tour", "aligndial adapter init --model sft-model")  # README lines the vLLM section builds on
 
 
 @pytest.mark.slow

@@ -24,6 +24,7 @@ from aligndial.cli import main
 from aligndial.dualpath import DualPathModel
 from aligndial.gguf import find_smollm2
 from aligndial.loading import load_causal_lm, load_tokenizer
+from aligndial.mixed import load_pair
 from aligndial.pair import RealignedPair
 from reference import float64_greedy
 
@@ -184,7 +185,7 @@ def test_lora_pair_equals_the_merged_pair(real, tmp_path):
 
     _, tok, out = real
     lora = make_lora(out, tmp_path / "lora", seed=1)
-    pair = RealignedPair.from_pretrained(out, lora)
+    pair = load_pair(out, lora)
     assert type(pair).__name__ == "LoraPair"
     # λ ≤ 1: at λ=2 the log-probs of the 30-layer model differ by 1.2e-5 relative, above the tiny
     # models' 1e-5 float32 tolerance (merging W + BA rounds differently from applying BA apart).
