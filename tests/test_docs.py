@@ -41,7 +41,7 @@ def test_every_docs_line_runs_as_written(page, tmp_path):
     assert {why for _, why in runner.skipped} <= REASONS, runner.report()
     assert [line for line, why in runner.skipped if why == "time"] == (
         ["python -m aligndial.demo.reproduce --work /tmp/aligndial-reproduce --docs docs --problems 192  "
-         "# needs: time (trains 12 models, about 15 minutes)"] if page == "reproduction.md" else [])
+         "# needs: time (trains 12 models: docs/benchmarks.md)"] if page == "reproduction.md" else [])
 
 
 @pytest.mark.slow

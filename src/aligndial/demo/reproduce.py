@@ -329,7 +329,7 @@ def write_report(r: dict, docs: Path) -> Path:
 Produced by
 
 ```bash
-python -m aligndial.demo.reproduce --work {r['work']} --docs {r['docs']} --problems {r['problems']}  # needs: time (trains 12 models, about 15 minutes)
+python -m aligndial.demo.reproduce --work {r['work']} --docs {r['docs']} --problems {r['problems']}  # needs: time (trains 12 models: docs/benchmarks.md)
 ```
 
 on {r['date']}, on 2 CPU cores shared with other work, from the bundled models
