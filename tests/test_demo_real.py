@@ -25,10 +25,11 @@ def test_quick_run_writes_every_claim_and_a_rerun_resumes(tiny_ref, tmp_path, ca
     summary = json.loads(first.out)
     assert set(summary["claims"]) == {"a", "b", "c", "d", "e"}
     assert summary["stages_missing"] == []
-    assert all(c["verdict"] in ("holds", "does not hold", "measured") for c in summary["claims"].values())
+    assert all(c["verdict"].startswith(("holds", "does not hold", "measured")) for c in summary["claims"].values())
     results = json.loads((docs / "real-model.json").read_text())
     assert results["claims"] == summary["claims"]
-    for name in ("dera-0", "dera-1", "dera-2", "adapter-1", "lora-1", "alone-dpo-full-lam0.5", "alone-trra-lam2"):
+    for name in ("dera-0", "dera-1", "dera-2", "adapter-1", "lora-1", "alone-dpo-full-lam0.5", "alone-trra-lam2",
+                 "adapter-lr0.00003-1"):
         e = results["evals"][name]
         assert -1 <= e["reward"] <= 1 and e["n"] == 4
     assert results["evals"]["dera-0"]["kl"] == 0.0  # λ=0 is the reference itself
@@ -37,12 +38,21 @@ def test_quick_run_writes_every_claim_and_a_rerun_resumes(tiny_ref, tmp_path, ca
         assert (docs / f).stat().st_size > 0
     assert "not measured yet" not in (docs / "real-model.md").read_text()
     assert "running" in first.err
+    # The learning-rate variant trained at its own rate, and is reported beside the default, not in the λ sweep.
+    spec = json.loads((out / "models" / "dpo-adapter-lr0.00003.spec.json").read_text())
+    assert spec["args"]["learning_rate"] == 3e-5 and "learning_rate" not in json.loads((out / "models" / "dpo-adapter.spec.json").read_text())["args"]
+    assert "3e-05" in json.dumps(results["claims"]["c"]) or results["claims"]["c"]["verdict"] == "holds"
+    assert "--learning_rate 3e-05), λ = 1" in (docs / "real-model.md").read_text()
+    # A section written by hand after a run survives the report being rewritten.
+    with open(docs / "real-model.md", "a") as f:
+        f.write("\n## Reading the numbers\n\nwritten by hand\n")
 
     assert main(argv) == 0
     second = capsys.readouterr()
     assert ": running" not in second.err
     assert second.err.count("skipped") == len([line for line in first.err.splitlines() if line.endswith(": running")])
     assert json.loads(second.out)["claims"] == summary["claims"]
+    assert (docs / "real-model.md").read_text().count("written by hand") == 1
 
 
 def test_a_run_dir_refuses_other_settings_before_loading(tiny_ref, tmp_path, capsys):

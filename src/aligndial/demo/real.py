@@ -51,6 +51,9 @@ class RealConfig:
     family_lams: tuple = (0.5, 1.0, 2.0)  # adapter dual path and LoRA pair
     trra_lam: float = 2.0
     trra_steps: int = 32
+    # (what trains, learning rate): the default recipes retrained at another learning rate, to see
+    # whether a default is what limits a claim (c: the adapter's KL; part 4: each default's gain).
+    lr_variants: tuple = (("adapter", 3e-5), ("lora", 4e-4))
     dtype: str = "bfloat16"       # sampling and scoring; training keeps float32 master weights
     seed: int = SEED
     # A process per recipe makes its peak memory its own; --quick trains in-process (no second
@@ -60,7 +63,8 @@ class RealConfig:
 
 FULL = RealConfig()
 QUICK = RealConfig(train_prompts=6, eval_prompts=4, samples_per_prompt=2, max_new_tokens=6, batch_size=8, min_gap=0.0,
-                   dpo_steps=2, dpo_batch=2, lora_rank=2, max_length=96, trra_steps=2, dtype="float32",
+                   dpo_steps=2, dpo_batch=2, lora_rank=2, max_length=96, trra_steps=2, lr_variants=(("adapter", 3e-5),),
+                   dtype="float32",
                    train_in_subprocess=False)
 
 
@@ -164,6 +168,7 @@ def measure_policy(model, tok, prompts: list[str], lam, cfg: RealConfig, desc: s
         "tokens": n_tokens / n,
         "decode_tok_per_s": n_tokens / seconds if seconds > 0 else None,
         "positive_share": sum(r > 0.05 for r in rs) / n,
+        "load_avg_1min": round(os.getloadavg()[0], 1),  # how shared the machine was (decode tok/s depends on it)
         "replies": [r["text"] for r in rows],
         "rewards": rs,
     }
@@ -212,6 +217,11 @@ TRAINED = {  # name -> (what trains, extra config fields); β/λ runs are added 
 
 def retrain_name(lam: float) -> str:
     return f"dpo-full-lam{lam:g}"
+
+
+def variant_name(mode: str, lr: float) -> str:
+    """`dpo-adapter-lr0.00003`: no "-" inside the number, so evaluation names still split on it."""
+    return f"dpo-{mode}-lr" + f"{lr:.10f}".rstrip("0")
 
 
 def trra_name(cfg: RealConfig) -> str:
@@ -275,10 +285,13 @@ def train_spec(run: Run, name: str) -> dict:
         return {"recipe": "distill", "model": run.model, "aligned": str(run.path("models", "dpo-full")),
                 "data": str(run.path("trra.jsonl")),
                 "args": {**common, "lam": cfg.trra_lam, "student": "full", "max_steps": cfg.trra_steps}}
-    if name in TRAINED:
-        mode = dict(TRAINED[name])
+    base, _, lr = name.partition("-lr")
+    if base in TRAINED:
+        mode = dict(TRAINED[base])
         if "lora_rank" in mode:
             mode["lora_rank"] = cfg.lora_rank
+        if lr:  # a learning-rate variant; otherwise the mode's default learning rate
+            mode["learning_rate"] = float(lr)
         beta = cfg.beta
     else:
         lam = float(name.removeprefix("dpo-full-lam"))
@@ -313,10 +326,14 @@ def stage_train(run: Run, name: str) -> None:
 
 
 def eval_target(run: Run, name: str) -> tuple[str, str, float]:
-    """(kind, path, λ) of an evaluation named `dera-λ`, `adapter-λ`, `lora-λ` or `alone-MODEL`."""
+    """(kind, path, λ) of an evaluation named `dera-λ`, `adapter-λ`, `lora-λ`, `adapter-lrLR-λ`,
+    `lora-lrLR-λ` or `alone-MODEL`."""
     family, _, rest = name.partition("-")
     if family == "alone":
         return "alone", str(run.path("models", rest)), 1.0
+    if rest.startswith("lr"):
+        lr, _, lam = rest.partition("-")
+        return family, str(run.path("models", f"dpo-{family}-{lr}")), float(lam)
     model = {"dera": "dpo-full", "adapter": "dpo-adapter", "lora": "dpo-lora"}[family]
     return family, str(run.path("models", model)), float(rest)
 
@@ -361,6 +378,10 @@ def plan(cfg: RealConfig) -> list[tuple[str, Path, callable]]:
         for lam in cfg.family_lams:
             if lam != 1.0:
                 evaluate(f"{family}-{lam:g}")
+    for mode, lr in cfg.lr_variants:
+        name = variant_name(mode, lr)
+        train(name)
+        evaluate(f"{mode}-{name.removeprefix(f'dpo-{mode}-')}-1")
     return stages
 
 

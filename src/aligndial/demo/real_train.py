@@ -57,6 +57,7 @@ def run(spec: dict) -> dict:
         "steps": len(timer.seconds),
         "step_seconds_median": round(statistics.median(steps), 3) if steps else None,
         "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),  # Linux: KiB
+        "load_avg_1min": round(os.getloadavg()[0], 1),  # how shared the machine was (step times depend on it)
         **json.loads((Path(out) / "training_summary.json").read_text()),
     }
     tmp = Path(out) / (RECIPE_FILE + ".tmp")
