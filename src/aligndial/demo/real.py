@@ -339,10 +339,11 @@ def eval_target(run: Run, name: str) -> tuple[str, str, float]:
 
 
 def stage_eval(run: Run, name: str) -> None:
+    started = time.perf_counter()
     kind, target, lam = eval_target(run, name)
     model = run.policy(kind, target)
     result = measure_policy(model, run.tok, run.prompts["held_out"], lam, run.cfg, desc=f"eval {name}")
-    write_json(run.path("evals", f"{name}.json"), {"name": name, **result})
+    write_json(run.path("evals", f"{name}.json"), {"name": name, **result, "seconds": round(time.perf_counter() - started, 1)})
 
 
 def plan(cfg: RealConfig) -> list[tuple[str, Path, callable]]:

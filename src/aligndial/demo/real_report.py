@@ -459,10 +459,14 @@ def _load_text(r: dict) -> str:
     """The machine's 1-minute load average over the stages that recorded it (decode and step times depend on it)."""
     loads = [x["load_avg_1min"] for x in [*r["evals"].values(), *r["recipes"].values()] if "load_avg_1min" in x]
     unknown = len(r["evals"]) + len(r["recipes"]) - len(loads)
+    timed = [x["seconds"] for x in [*r["evals"].values(), *r["recipes"].values()] if "seconds" in x]
+    took = (f"; the {len(timed)} training and evaluation stages that recorded their wall time took {sum(timed) / 60:.0f} min"
+            if timed else "")
     if not loads:
-        return "the machine was shared with other jobs (load not recorded)"
+        return "the machine was shared with other jobs (load not recorded)" + took
     return (f"1-minute load average {min(loads):.1f}–{max(loads):.1f} at the end of the stages that recorded it"
-            + (f" ({unknown} earlier stages did not record it; they ran on a machine shared with other jobs, load 10–25)" if unknown else ""))
+            + (f" ({unknown} earlier stages did not record it; they ran on a machine shared with other jobs, load 10–25)" if unknown else "")
+            + took)
 
 
 def _variants_text(cfg: dict) -> str:
