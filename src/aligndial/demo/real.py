@@ -346,6 +346,40 @@ def stage_eval(run: Run, name: str) -> None:
     write_json(run.path("evals", f"{name}.json"), {"name": name, **result, "seconds": round(time.perf_counter() - started, 1)})
 
 
+def stage_speed(run: Run) -> None:
+    """Claim d's decode cost, side by side in one process and interleaved, so the machine's load hits
+    each policy alike: the reference alone, the λ-mix the student replaces, and the student. Greedy,
+    exactly `max_new_tokens` new tokens per row (no early EOS), one batch of held-out prompts."""
+    import statistics
+
+    from aligndial.generation import generate_rows
+    from aligndial.loading import load_causal_lm
+    from aligndial.mixed import load_pair
+
+    cfg, lam = run.cfg, run.cfg.trra_lam
+    run._loaded.clear()
+    policies = {"reference": (load_causal_lm(run.model, dtype=cfg.dtype), None),
+                "mix": (load_pair(run.model, str(run.path("models", "dpo-full")), dtype=cfg.dtype), lam),
+                "student": (load_causal_lm(str(run.path("models", trra_name(cfg))), dtype=cfg.dtype), None)}
+    texts = [render(run.tok, p) for p in run.prompts["held_out"][: cfg.batch_size]]
+    n = cfg.max_new_tokens
+    seconds = {k: [] for k in policies}
+    for _ in range(SPEED_ROUNDS + 1):  # the first round warms up and is dropped
+        for name, (model, policy_lam) in policies.items():
+            t = time.perf_counter()
+            generate_rows(model.eval(), run.tok, texts, lam=policy_lam, add_special_tokens=False,
+                          max_new_tokens=n, min_new_tokens=n, do_sample=False)
+            seconds[name].append(time.perf_counter() - t)
+    median = {k: statistics.median(v[1:]) for k, v in seconds.items()}
+    write_json(run.path("speed.json"), {
+        "lam": lam, "rows": len(texts), "new_tokens": n, "rounds": SPEED_ROUNDS, "dtype": cfg.dtype,
+        "seconds_median": median, "tok_per_s": {k: len(texts) * n / v for k, v in median.items()},
+        "load_avg_1min": round(os.getloadavg()[0], 1)})
+
+
+SPEED_ROUNDS = 3
+
+
 def plan(cfg: RealConfig) -> list[tuple[str, Path, callable]]:
     """(stage, output relative to the run dir, function) in the order they run: the DeRa sweep's
     ends and each claim's first numbers come early, so a run stopped part-way has measured the
@@ -372,6 +406,7 @@ def plan(cfg: RealConfig) -> list[tuple[str, Path, callable]]:
     stages.append(("trra data", Path("trra.jsonl"), stage_trra_data))
     train(trra_name(cfg))
     evaluate(f"alone-{trra_name(cfg)}")
+    stages.append(("decode cost", Path("speed.json"), stage_speed))
     for lam in sorted(cfg.retrain_lams, reverse=True):
         train(retrain_name(lam))
         evaluate(f"alone-{retrain_name(lam)}")

@@ -65,6 +65,7 @@ def collect(run, stages: list, minutes: float) -> dict:
                  "pair_reward_chosen": sum(p["reward_chosen"] for p in pairs) / len(pairs) if pairs else None,
                  "pair_reward_rejected": sum(p["reward_rejected"] for p in pairs) / len(pairs) if pairs else None},
         "evals": evals, "recipes": recipes, "missing": missing,
+        "speed": json.loads(run.path("speed.json").read_text()) if run.path("speed.json").is_file() else None,
     }
     r["claims"] = judge(r)
     return r
@@ -180,20 +181,23 @@ def claim_c(evals: dict, recipes: dict) -> dict:
             "learning_rate_variants": {f"{lr:g}": g for lr, g in tried.items()}}
 
 
-def claim_d(evals: dict, cfg: dict) -> dict:
+def claim_d(evals: dict, cfg: dict, speed: dict | None) -> dict:
     lam = cfg["trra_lam"]
-    mix, student, ref = evals.get(f"dera-{lam:g}"), evals.get(f"alone-trra-lam{lam:g}"), evals.get("dera-0")
-    if mix is None or student is None:
+    mix, student = evals.get(f"dera-{lam:g}"), evals.get(f"alone-trra-lam{lam:g}")
+    if mix is None or student is None or speed is None:
         return _missing(f"The TrRa student at λ = {lam:g}")
     gap = abs(student["reward"] - mix["reward"]) / abs(mix["reward"]) if mix["reward"] else float("inf")
-    holds = gap <= 0.05
-    speed = (f"; decode {student['decode_tok_per_s']:.0f} tok/s against {mix['decode_tok_per_s']:.0f} for the mix"
-             + (f" and {ref['decode_tok_per_s']:.0f} for the reference alone" if ref else ""))
+    t = speed["seconds_median"]
+    cost = t["student"] / t["reference"]  # 1: one model's decode cost
+    holds = gap <= 0.05 and cost <= 1.1
     return {"verdict": "holds" if holds else "does not hold",
-            "rule": "student's reward within 5% of the mix's",
+            "rule": "student's reward within 5% of the mix's, and its decode time within 10% of the reference model's "
+                    "(measured side by side in one process)",
             "summary": (f"student {student['reward']:.3f} (KL {student['kl']:.2f}) against the λ = {lam:g} mix {mix['reward']:.3f} "
-                        f"(KL {mix['kl']:.2f}): {100 * gap:.1f}% apart" + speed),
-            "relative_gap": gap}
+                        f"(KL {mix['kl']:.2f}): {100 * gap:.1f}% apart; decoding {speed['rows']} rows × {speed['new_tokens']} "
+                        f"tokens ({speed['dtype']}, median of {speed['rounds']} interleaved rounds) takes the student "
+                        f"{cost:.2f}× and the mix {t['mix'] / t['reference']:.2f}× the reference model's time"),
+            "relative_gap": gap, "decode_cost_vs_reference": cost, "mix_cost_vs_reference": t["mix"] / t["reference"]}
 
 
 def claim_e(evals: dict) -> dict:
@@ -235,7 +239,7 @@ def defaults_verdict(evals: dict) -> dict:
 def judge(r: dict) -> dict:
     evals, cfg = r["evals"], r["config"]
     return {"a": claim_a(evals), "b": claim_b(evals, cfg["retrain_lams"]), "c": claim_c(evals, r["recipes"]),
-            "d": claim_d(evals, cfg), "e": claim_e(evals)}
+            "d": claim_d(evals, cfg, r.get("speed")), "e": claim_e(evals)}
 
 
 # --- plots ----------------------------------------------------------------------------------------------
