@@ -1,6 +1,6 @@
 """vLLM's own server (`vllm serve`, no aligndial front end) stops each row of a pair export on the
 EOS of the members its λ runs, as `aligndial generate` does (issue 26 item 4, docs/reliability.md
-case 40).
+case 48).
 
 The pair is built so that the rule shows: the reference's EOS is a token the aligned model emits
 early on one prompt, and the aligned model's EOS a token it emits early on another. Left to its
