@@ -65,9 +65,10 @@ TRANSFORMERS_BACKEND = {"phi", "olmo2", "gpt_neox"}
 # classmethod that sees only the request); a server process loads one model's config there, so
 # one K here is that model's, and a λ list of another length gets its 400 before it is scheduled.
 LOADED_N_ALIGNED: set[int] = set()
-# Likewise each loaded pair export's (member_eos, default_lam), so that vLLM's own server stops a
-# row on the EOS of the members its λ runs (`strength.stop_on_members`), as aligndial's engines do.
-LOADED_MEMBER_EOS: set[tuple[tuple[tuple[int, ...], ...], tuple[float, ...]]] = set()
+# Likewise each loaded export's (member_eos or None, default_lam), so that vLLM's own server stops a
+# pair's row on the EOS of the members its λ runs (`strength.stop_on_members`), as aligndial's
+# engines do: only where this process has loaded one export, so the entry is the served model's.
+LOADED_MEMBER_EOS: set[tuple[tuple[tuple[int, ...], ...] | None, tuple[float, ...]]] = set()
 
 
 def _config_class(base_type: str) -> type[PretrainedConfig]:
@@ -80,8 +81,9 @@ def _config_class(base_type: str) -> type[PretrainedConfig]:
         spec = getattr(self, "aligndial", None)
         if isinstance(spec, dict) and isinstance(spec.get("default_lam"), list):
             LOADED_N_ALIGNED.add(len(spec["default_lam"]))
-            if isinstance(spec.get("member_eos"), list):
-                LOADED_MEMBER_EOS.add((tuple(tuple(e) for e in spec["member_eos"]), tuple(spec["default_lam"])))
+            eos = spec.get("member_eos")
+            LOADED_MEMBER_EOS.add((tuple(tuple(e) for e in eos) if isinstance(eos, list) else None,
+                                   tuple(spec["default_lam"])))
 
     cls = type(name, (base,), {"model_type": f"aligndial_{base_type}", "__module__": __name__, "__qualname__": name,
                                "__post_init__": __post_init__})

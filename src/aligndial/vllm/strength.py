@@ -76,13 +76,13 @@ def stop_on_members(params: SamplingParams, lam) -> None:
     generation config's EOS, which it leaves out of the stops when `ignore_eos` is set; so the
     row gets `ignore_eos` and its members' EOS as `stop_token_ids`, after any ids the client gave.
     A client's own `ignore_eos` is kept (no EOS stops at all). The front end knows the served
-    export from its config (`export.LOADED_MEMBER_EOS`); a process that loaded several pair
-    exports with different EOS cannot tell which one a request is for, and leaves vLLM's stops
-    (docs/vllm.md: pass `stop_token_ids` there)."""
+    export from its config (`export.LOADED_MEMBER_EOS`); a process that has loaded several
+    exports cannot tell which one a request is for, and leaves vLLM's stops (docs/vllm.md: a
+    client there sends `stop_token_ids`)."""
     if len(export.LOADED_MEMBER_EOS) != 1:
         return
     ((member_eos, default),) = export.LOADED_MEMBER_EOS
-    if len(set(member_eos)) < 2:
+    if member_eos is None or len(set(member_eos)) < 2:
         return  # every member stops on the same ids: vLLM's own stops are right
     args = dict(params.extra_args or {})
     client = args.get(_CLIENT_STOPS)
