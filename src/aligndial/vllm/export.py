@@ -9,8 +9,9 @@ An export is an ordinary HF-style directory (config.json, safetensors, tokenizer
   so `AutoModelForCausalLM.from_pretrained(DIR)` fails instead of silently loading λ=1 (the merged
   dual path) or a model with missing weights (the pair);
 - an `aligndial` entry: {"kind", "base_model_type", "adapter_layers" or "members", "default_lam"};
-  a pair also lists each member's EOS ids (`member_eos`), so aligndial's engines stop a row on the
-  EOS of the members its λ runs, as `RealignedPair` does (vLLM alone stops on the reference's).
+  a pair also lists each member's EOS ids (`member_eos`), so a row stops on the EOS of the members
+  its λ runs, as `RealignedPair` does: aligndial's engines ask for it, and on vLLM's own server the
+  plugin's request check does (`strength.stop_on_members`; vLLM alone stops on the reference's).
 
 Weights:
 - dual path: the merged model (`merge_adapter`), L+n layers with the adapter at 0..n−1, under
