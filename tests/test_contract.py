@@ -2,7 +2,8 @@
 
 Mixed models: the pair (`RealignedPair`, full models run one after the other), the dual path
 (`DualPathModel`, base + layer adapter in one 2B-row forward), the LoRA pair (`LoraPair`, base +
-LoRA adapter in one forward) and vLLM (the pair export on Llama; slow). Heads that matter:
+LoRA adapter in one forward) and vLLM (the pair and dual-path exports on Llama, the pair export
+of the Qwen3 replica; slow). Heads that matter:
 Llama's untied head, the Qwen3 replica's tied head padded past its tokenizer (tests/replicas.py),
 Gemma 2's final soft-cap, Cohere's logit scale (and Granite's `logits_scaling` for the LoRA
 pair). The other architectures each model claims keep the same oracle in test_pair.py,
@@ -19,8 +20,8 @@ test_dualpath.py and test_engines.py. For each (model, head):
 
 Where a model does not take a head, the refusal is tested instead: the dual path's adapter
 surgery and the vLLM export refuse Cohere, naming the architectures they support. vLLM's own
-plain Gemma 2 differs from transformers' (docs/vllm.md), so vLLM's Gemma 2 is not held to this
-oracle.
+plain Gemma 2 differs from transformers' (docs/vllm.md), so vLLM's Gemma 2 is held to vLLM's own
+plain Gemma 2 instead (tests/test_vllm_archs.py::test_gemma2_equals_vllms_own_plain_gemma2).
 """
 
 import copy
@@ -174,27 +175,52 @@ def vllm_oracle(ref, aligned, tok, lams, prompts, new, eos_of) -> list[list[int]
             for lam in lams for p in prompts]
 
 
+VLLM_CASES = ["llama-pair", "llama-dual", "qwen3-pair", "qwen3-dual"]
+
+
+def vllm_case(kind: str, head: str, tok, root):
+    """(export, plain ref, plain aligned, tokenizer) for the vLLM column: tiny models with head_dim 32
+    (vLLM's CPU attention), the Qwen3 replica behind its real tokenizer (base + instruct: their EOS
+    differ); for the dual path the aligned model is the merged one."""
+    from vllm_helpers import adapted, perturbed_adapter, qwen3_replica, tiny
+
+    from aligndial.vllm.export import export_dual_path, export_pair
+
+    if head == "qwen3":
+        ref_dir = qwen3_replica(root, 0, "ref")
+        tok = load_tokenizer(ref_dir)
+    else:
+        ref_dir = tiny(head, tok, 0, root, "ref")
+    if kind == "pair":
+        aligned_dir = qwen3_replica(root, 1, "aligned", "instruct") if head == "qwen3" else tiny(head, tok, 1, root, "aligned")
+        export = export_pair(plain(ref_dir), [plain(aligned_dir)], tok, root / "pair-vllm")
+    else:
+        adapter = perturbed_adapter(ref_dir, root)
+        export = export_dual_path(adapted(ref_dir, adapter), tok, root / "dual-vllm")
+        aligned_dir = save(merge_adapter(adapted(ref_dir, adapter)), tok, root / "merged")
+    return str(export), plain(ref_dir), plain(aligned_dir), tok
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("head", ["llama"])
-def test_vllm_pair_export_equals_the_float64_oracle(head, tok, tmp_path):
-    """One engine per head; every λ of vllm_helpers.LAMS (−0.5 … 2) × three prompts in one batch,
-    each request with its own λ. (vLLM's dual path, the Qwen3 replica and the other architectures
-    are held to the HF engine, which this module holds to the oracle: tests/test_vllm.py and
-    tests/test_vllm_archs.py. Each engine start is slow on 2 cores.)"""
-    from vllm_helpers import LAMS, NEW as VLLM_NEW, PROMPTS, in_process_llm, tiny, vllm_grid
+@pytest.mark.parametrize("what", VLLM_CASES)
+def test_vllm_export_equals_the_float64_oracle(what, tok, tmp_path):
+    """One engine per (kind, head): the pair and the dual path on Llama and on the Qwen3 replica (tied
+    head padded past its tokenizer, base + instruct EOS). Every λ of vllm_helpers.LAMS (−0.5 … 2) ×
+    three prompts in one batch, each request with its own λ, each row stopping on the EOS of the
+    members its λ runs. (The other architectures are held to the HF engine, which this module holds
+    to the oracle: tests/test_vllm.py and tests/test_vllm_archs.py; vLLM's Gemma 2 to vLLM's own plain
+    Gemma 2 there. Each engine start is slow on 2 cores.)"""
+    from vllm_helpers import LAMS, NEW as VLLM_NEW, PROMPTS, in_process_llm, vllm_grid
 
-    from aligndial.vllm.export import export_pair
-
-    ref_dir, aligned_dir = tiny(head, tok, 0, tmp_path, "ref"), tiny(head, tok, 1, tmp_path, "aligned")
-    ref, aligned = plain(ref_dir), plain(aligned_dir)
-    export = export_pair(ref, [aligned], tok, tmp_path / "pair-vllm")
+    head, kind = what.split("-")
+    export, ref, aligned, tok = vllm_case(kind, head, tok, tmp_path)
 
     def eos_of(lam):
         return {*(eos_ids(ref) if lam != 1 else []), *(eos_ids(aligned) if lam != 0 else [])}
 
     expected = vllm_oracle(ref, aligned, tok, LAMS, PROMPTS, VLLM_NEW, eos_of)
-    with in_process_llm(str(export)) as llm:
+    with in_process_llm(export) as llm:
         got = vllm_grid(llm, tok)
     bad = [(lam, p) for (lam, p), a, b in zip([(lam, p) for lam in LAMS for p in PROMPTS], got, expected) if a != b]
-    assert not bad, f"{head} pair on vLLM differs from the float64 oracle at (λ, prompt) {bad}"
+    assert not bad, f"{what} on vLLM differs from the float64 oracle at (λ, prompt) {bad}"
     assert all(got) and len({tuple(x) for x in expected}) >= 2 * len(PROMPTS)  # λ changes the tokens

@@ -82,7 +82,7 @@ def hf_grid(model, tok, lams=LAMS, prompts=PROMPTS, new: int = NEW) -> list[list
 
 
 @contextmanager
-def in_process_llm(path: str, **kw):
+def in_process_llm(path: str, dtype: str = "float32", **kw):
     """vLLM's offline `LLM` on the export, in this process (see the module docstring), shut down after."""
     from vllm import LLM
 
@@ -90,7 +90,7 @@ def in_process_llm(path: str, **kw):
 
     with restored_env(*CPU_LAYOUT_VARS):
         offline_on_cpu()
-        llm = LLM(path, dtype="float32", max_model_len=128, max_num_seqs=16, seed=0, enforce_eager=True, **kw)
+        llm = LLM(path, dtype=dtype, max_model_len=128, max_num_seqs=16, seed=0, enforce_eager=True, **kw)
     try:
         yield llm
     finally:

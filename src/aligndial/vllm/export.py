@@ -9,8 +9,9 @@ An export is an ordinary HF-style directory (config.json, safetensors, tokenizer
   so `AutoModelForCausalLM.from_pretrained(DIR)` fails instead of silently loading λ=1 (the merged
   dual path) or a model with missing weights (the pair);
 - an `aligndial` entry: {"kind", "base_model_type", "adapter_layers" or "members", "default_lam"};
-  a pair also lists each member's EOS ids (`member_eos`), so aligndial's engines stop a row on the
-  EOS of the members its λ runs, as `RealignedPair` does (vLLM alone stops on the reference's).
+  a pair also lists each member's EOS ids (`member_eos`), so a row stops on the EOS of the members
+  its λ runs, as `RealignedPair` does: aligndial's engines ask for it, and on vLLM's own server the
+  plugin's request check does (`strength.stop_on_members`; vLLM alone stops on the reference's).
 
 Weights:
 - dual path: the merged model (`merge_adapter`), L+n layers with the adapter at 0..n−1, under
@@ -65,6 +66,10 @@ TRANSFORMERS_BACKEND = {"phi", "olmo2", "gpt_neox"}
 # classmethod that sees only the request); a server process loads one model's config there, so
 # one K here is that model's, and a λ list of another length gets its 400 before it is scheduled.
 LOADED_N_ALIGNED: set[int] = set()
+# Likewise each loaded export's (member_eos or None, default_lam), so that vLLM's own server stops a
+# pair's row on the EOS of the members its λ runs (`strength.stop_on_members`), as aligndial's
+# engines do: only where this process has loaded one export, so the entry is the served model's.
+LOADED_MEMBER_EOS: set[tuple[tuple[tuple[int, ...], ...] | None, tuple[float, ...]]] = set()
 
 
 def _config_class(base_type: str) -> type[PretrainedConfig]:
@@ -77,6 +82,9 @@ def _config_class(base_type: str) -> type[PretrainedConfig]:
         spec = getattr(self, "aligndial", None)
         if isinstance(spec, dict) and isinstance(spec.get("default_lam"), list):
             LOADED_N_ALIGNED.add(len(spec["default_lam"]))
+            eos = spec.get("member_eos")
+            LOADED_MEMBER_EOS.add((tuple(tuple(e) for e in eos) if isinstance(eos, list) else None,
+                                   tuple(spec["default_lam"])))
 
     cls = type(name, (base,), {"model_type": f"aligndial_{base_type}", "__module__": __name__, "__qualname__": name,
                                "__post_init__": __post_init__})

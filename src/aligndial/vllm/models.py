@@ -225,14 +225,23 @@ class AligndialDualPathForCausalLM(nn.Module):
         base, aligned = hidden_states.chunk(2, dim=-1)  # (R, H) each
         lam = strength.active().rows(hidden_states.shape[0])  # on the host: the mix copies it over once
         if not self.softcapped:
-            try:
-                return self.lm.compute_logits(mix_hidden(base, aligned, lam))
-            except ValueError:
-                # A row's λ made the hidden-state mix overflow the model's dtype (float16 at a large
-                # |λ|). Never raise on a row's values (that stops the engine core for every request):
-                # mix the two paths' logits in float32 instead, the same distribution (the head is
-                # linear and the weights sum to one), which cannot overflow for |λ| ≤ LAM_LIMIT.
-                pass
+            # A row whose λ makes the hidden-state mix overflow the model's dtype (float16 at a
+            # large |λ|) comes back NaN (`nan_rows`). Never raise on a row's values (that stops the
+            # engine core for every request): that row alone is mixed as the two paths' logits in
+            # float32, the same distribution (the head is linear and the weights sum to one), which
+            # cannot overflow for |λ| ≤ LAM_LIMIT; the other rows keep the mix they get alone.
+            mixed = mix_hidden(base, aligned, lam, nan_rows=True)
+            bad = torch.isnan(mixed).flatten(1).any(-1)  # the same on every tensor-parallel rank
+            logits = self.lm.compute_logits(mixed)
+            if not bool(bad.any()):
+                return logits
+            rows = bad.cpu()
+            parts = [self.lm.compute_logits(base[bad]), self.lm.compute_logits(aligned[bad])]
+            if logits is None or not _gathered(parts):
+                return None
+            out = logits.float()
+            out[bad] = mix_logits(parts[0], parts[1:], lam[rows])
+            return out
         logits = [self.lm.compute_logits(base), self.lm.compute_logits(aligned)]  # soft-capped: mix after the cap
         return mix_logits(logits[0], logits[1:], lam) if _gathered(logits) else None
 

@@ -61,15 +61,55 @@ def request_lam(params: SamplingParams) -> float | list[float] | None:
     return value
 
 
+# extra_args key under which `stop_on_members` keeps what the client itself asked for (a request's
+# params may be validated more than once, e.g. one SamplingParams shared by several prompts).
+_CLIENT_STOPS = "_aligndial_client_stops"
+
+
+def stop_on_members(params: SamplingParams, lam) -> None:
+    """Make a pair request stop on the EOS of the members its λ runs (`aligndial.pair.stop_ids`),
+    as aligndial's own engines ask for it (`run.stop_kwargs`), when the members' EOS differ.
+
+    Left alone, vLLM stops every row on the tokenizer's EOS and the export's generation config
+    (the reference's), whatever its λ: a λ=1 row would run past the aligned model's EOS. vLLM
+    calls this hook (from `validate_params`) on the request's own params before it adds the
+    generation config's EOS, which it leaves out of the stops when `ignore_eos` is set; so the
+    row gets `ignore_eos` and its members' EOS as `stop_token_ids`, after any ids the client gave.
+    A client's own `ignore_eos` is kept (no EOS stops at all). The front end knows the served
+    export from its config (`export.LOADED_MEMBER_EOS`); a process that has loaded several
+    exports cannot tell which one a request is for, and leaves vLLM's stops (docs/vllm.md: a
+    client there sends `stop_token_ids`)."""
+    if len(export.LOADED_MEMBER_EOS) != 1:
+        return
+    ((member_eos, default),) = export.LOADED_MEMBER_EOS
+    if member_eos is None or len(set(member_eos)) < 2:
+        return  # every member stops on the same ids: vLLM's own stops are right
+    args = dict(params.extra_args or {})
+    client = args.get(_CLIENT_STOPS)
+    if client is None:
+        client = {"ignore_eos": params.ignore_eos, "stop_token_ids": list(params.stop_token_ids or [])}
+    if client["ignore_eos"]:
+        return
+    from aligndial.pair import stop_ids
+
+    weights = list(default) if lam is None else lam
+    members = stop_ids([list(e) for e in member_eos], weights, len(default))
+    params.extra_args = {**args, _CLIENT_STOPS: client}
+    params.ignore_eos = True
+    params.stop_token_ids = list(dict.fromkeys([*client["stop_token_ids"], *members]))
+    params._all_stop_token_ids.update(params.stop_token_ids)  # what min_tokens holds back, as vLLM fills it
+
+
 class AlignmentStrength(LogitsProcessor):
     """Per-row λ for the aligndial models; inert for every other model."""
 
     @classmethod
     def validate_params(cls, sampling_params: SamplingParams):
         try:  # a bad λ is a 400 at the API, never an engine error
-            request_lam(sampling_params)
+            lam = request_lam(sampling_params)
         except ValueError as e:
             raise VLLMValidationError(str(e), parameter="alignment_strength") from None
+        stop_on_members(sampling_params, lam)
 
     def __init__(self, vllm_config, device: torch.device, is_pin_memory: bool):
         global _active
