@@ -22,6 +22,20 @@ MAX_NUM_SEQS = 256
 _KEEP_DTYPES = {"float32", "bfloat16", "float16"}
 
 
+def export_pair_from_args(args, out, default_lam=None) -> Path:
+    """`--ref R --aligned A…` exported to `out` as one model vLLM loads (tokenizers checked first):
+    the export flow of `aligndial export-vllm` and of `--engine vllm`."""
+    from aligndial.loading import load_causal_lm, load_tokenizer
+    from aligndial.vocab import check_tokenizers
+
+    trust, names = args.trust_remote_code, [args.ref, *args.aligned]
+    tok = load_tokenizer(args.ref, trust)
+    for name in args.aligned:
+        check_tokenizers(tok, load_tokenizer(name, trust), args.ref, name)
+    models = [load_causal_lm(name, args.dtype, trust_remote_code=trust) for name in names]
+    return export_pair(models[0], models[1:], tok, out, default_lam, names=names)
+
+
 def model_dir(args, workdir: str, default_lam=None) -> tuple[str, int]:
     """(directory for vLLM, number of aligned models) for the model flags in `args`. `default_lam`
     is what an exported model uses for requests without λ (needed with several aligned models)."""
@@ -30,15 +44,7 @@ def model_dir(args, workdir: str, default_lam=None) -> tuple[str, int]:
     n = n_aligned(args)  # the flags' combination, checked in its one home
     trust = args.trust_remote_code
     if args.ref:
-        from aligndial.vocab import check_tokenizers
-
-        tok = load_tokenizer(args.ref, trust)
-        for name in args.aligned:
-            check_tokenizers(tok, load_tokenizer(name, trust), args.ref, name)
-        models = [load_causal_lm(n, args.dtype, trust_remote_code=trust) for n in [args.ref, *args.aligned]]
-        out = export_pair(models[0], models[1:], tok, Path(workdir) / "pair", default_lam,
-                          names=[args.ref, *args.aligned])
-        return str(out), n
+        return str(export_pair_from_args(args, Path(workdir) / "pair", default_lam)), n
     if getattr(args, "adapter", None):
         from aligndial.adapter import load_adapter
 
