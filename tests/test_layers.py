@@ -179,7 +179,7 @@ ONE_HOME = [
     "def check_tokenizers(", "def few_rows_product(",
     "`--tensor-parallel-size` applies to `--engine vllm`", "`--enforce-eager` applies to `--engine vllm`",
     "`--device` does not apply to `--engine vllm`", "`--engine vllm` needs vLLM in this environment",
-    "def model_dir(", "def engine_kwargs(", "def context_length(",
+    "def model_dir(", "def engine_kwargs(", "def context_length(", "`--lam` needs a mix",
 ]
 
 

@@ -17,7 +17,8 @@ import json
 import os
 import sys
 
-from aligndial.cliargs import check_adapter, check_file, check_model, check_models, check_out, check_prompts, looks_local
+from aligndial.cliargs import (check_adapter, check_file, check_lams_need_a_mix, check_model, check_models, check_out,
+                               check_prompts, looks_local)
 from aligndial.cliargs import n_aligned as flags_n_aligned
 from aligndial.mixing import check_lam
 
@@ -69,8 +70,7 @@ def cmd_generate(args) -> int:
 
 
 def _lams(args, n_aligned: int) -> list:
-    if not n_aligned and args.lam:
-        raise ValueError("`--lam` needs a mix: add `--aligned` (with `--ref`) or `--adapter` (with `--model`)")
+    check_lams_need_a_mix(n_aligned, args.lam or [])
     return [_lam_list(x, n_aligned) for x in (args.lam or ["1"])] if n_aligned else [None]
 
 

@@ -124,6 +124,13 @@ def n_aligned(args) -> int:
     return 1 if getattr(args, "adapter", None) else export_n_aligned(args.model)
 
 
+def check_lams_need_a_mix(n_aligned: int, lams) -> None:
+    """A plain model (`n_aligned` 0) takes no λ: from the `--lam` flags before a model loads, and in
+    the engines' `rows`."""
+    if not n_aligned and any(lam is not None for lam in lams):
+        raise ValueError("`--lam` needs a mix: add `--aligned` (with `--ref`) or `--adapter` (with `--model`)")
+
+
 def check_settings(engine: str, settings, n_aligned: int | None = None) -> None:
     """The refusals of generation settings (`aligndial.engines.Settings`, or a verb's `args`, which
     use the same names), in one home: from the flags before a model loads (`check_engine`) and in

@@ -65,6 +65,8 @@ class Settings:
 
 
 class Engine(Protocol):
+    """The interface stated in this module's docstring."""
+
     name: str
     tokenizer: object
     n_aligned: int  # aligned models mixed (0: a plain model, λ must be None)

@@ -26,7 +26,7 @@ import time
 import uuid
 from pathlib import Path
 
-from aligndial.cliargs import check_settings
+from aligndial.cliargs import check_lams_need_a_mix, check_settings
 from aligndial.continuous import EngineOverloaded, EngineUnavailable, Generation, GenerationRequest, TokenEvent
 from aligndial.loading import context_length
 from aligndial.vllm.run import (
@@ -86,8 +86,7 @@ class VLLMBatchEngine:
             self.llm = LLM(**kw, seed=getattr(self.args, "seed", None) or 0)
 
     def rows(self, texts: list[str], lams: list, settings) -> list[dict]:
-        if not self.n_aligned and any(lam is not None for lam in lams):
-            raise ValueError("`--lam` needs a mix: add `--aligned` (with `--ref`) or `--adapter` (with `--model`)")
+        check_lams_need_a_mix(self.n_aligned, lams)
         check_settings(self.name, settings, self.n_aligned)
         ids = [self.tokenizer(t, add_special_tokens=settings.add_special_tokens)["input_ids"] for t in texts]
         index = {t: i for i, t in enumerate(dict.fromkeys(texts))}
