@@ -10,7 +10,7 @@ tokenizes, validates and detokenizes.
 Each turn of the loop (continuous batching):
 
 1. admit waiting requests while rows are free: prefill each prompt alone in its own cache,
-   sample its first token(s), and append its rows to the running batch (`batch.BatchCache`);
+   sample its first token(s), and append its rows to the running batch (`aligndial.batch_cache.BatchCache`);
 2. one decode step for all rows: the model's own forward with a (B, K) λ tensor, one row per
    sequence, and `run_all=True`, so every cache stays complete whatever λ a row has. The mixing
    happens inside the model (`aligndial.mixing`), never here;
