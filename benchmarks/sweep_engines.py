@@ -62,7 +62,7 @@ def child(kind: str, dtype: str, ref: str, adapter: str, export: str, threads: i
         model = DualPathModel.from_adapter(AutoModelForCausalLM.from_pretrained(ref, dtype=getattr(torch, dtype)), adapter)
         engine = TransformersEngine(model, load_tokenizer(ref), 1)
     else:
-        from aligndial.vllm.run import VLLMBatchEngine
+        from aligndial.vllm.engine import VLLMBatchEngine
 
         args = argparse.Namespace(dtype=dtype, seed=0, tensor_parallel_size=1, ref=None, adapter=adapter)
         engine = VLLMBatchEngine(export, load_tokenizer(export), 1, args)

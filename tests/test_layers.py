@@ -28,7 +28,7 @@ LAYERS: list[tuple[str, bool, list[str]]] = [
     ("mixed models", True, ["pair", "dualpath", "lora_pair"]),
     ("picking a mixed model; exporting one", False, ["mixed", "interpolate", "vllm.export", "vllm.strength",
                                                       "vllm.models", "vllm"]),
-    ("engines", False, ["engines", "vllm.run", "serve.batch", "serve.engine", "serve.vllm_engine"]),
+    ("engines", False, ["engines", "continuous", "batch_cache", "vllm.run", "vllm.engine"]),
     ("uses: serve, evaluate, train, demo", False, [
         "metrics", "evaluate", "lmeval",
         "serve.errors", "serve.protocol", "serve.guards", "serve.app", "serve",
@@ -177,6 +177,9 @@ ONE_HOME = [
     "`--num-beams` is not supported with `--engine vllm`", "`--think-lam` (λ changing inside a response) is not supported",
     "`--num-beams` and `--max-new-tokens` must be ≥ 1", "def export_n_aligned(", '.get("peft_type")',
     "def check_tokenizers(", "def few_rows_product(",
+    "`--tensor-parallel-size` applies to `--engine vllm`", "`--enforce-eager` applies to `--engine vllm`",
+    "`--device` does not apply to `--engine vllm`", "`--engine vllm` needs vLLM in this environment",
+    "def model_dir(", "def engine_kwargs(", "def context_length(", "`--lam` needs a mix",
 ]
 
 
@@ -185,6 +188,42 @@ def test_each_check_has_one_home():
     homes = {text: [str(p.relative_to(SRC)) for p, code in sources.items() for _ in range(code.count(text))]
              for text in ONE_HOME}
     assert {text: where for text, where in homes.items() if len(where) != 1} == {}
+
+
+def _defined_in(tree: ast.AST) -> dict[str, list[str]]:
+    """Class name -> its method names, for every class a module defines."""
+    return {node.name: [f.name for f in node.body if isinstance(f, ast.FunctionDef)]
+            for node in ast.walk(tree) if isinstance(node, ast.ClassDef)}
+
+
+def _imported_names(path: Path) -> set[str]:
+    """Every name a file imports from aligndial, wherever in the file the import stands."""
+    return {alias.name for node in ast.walk(ast.parse(path.read_text()))
+            if isinstance(node, ast.ImportFrom) and (node.module or "").startswith(PACKAGE) for alias in node.names}
+
+
+def test_one_engine_interface_for_every_verb():
+    """generate, sweep and serve load through `load_engine`, and serving takes the loaded engine's
+    `continuous()` shape: one class per engine answers `rows`, and the classes that take `submit`
+    are built only by an engine's `continuous` (no second loader or export flow beside them)."""
+    found = modules()
+    trees = {name: ast.parse(path.read_text()) for name, path in found.items()}
+    engines = {c: methods for tree in trees.values() for c, methods in _defined_in(tree).items()
+               if {"rows", "scorer"} <= set(methods)}
+    assert sorted(engines) == ["Engine", "TransformersEngine", "VLLMBatchEngine"]  # the protocol and one class each
+    assert all("continuous" in methods for methods in engines.values())
+    servers = {c for tree in trees.values() for c, methods in _defined_in(tree).items() if "submit" in methods}
+    assert servers == {"HFEngine", "VLLMEngine"}
+    builders = sorted({fn.name for tree in trees.values() for fn in ast.walk(tree) if isinstance(fn, ast.FunctionDef)
+                       for call in ast.walk(fn) if isinstance(call, ast.Call) and getattr(call.func, "id", None) in servers})
+    assert builders == ["continuous"]
+    serving = {n for name, path in found.items() if name == "serve" or name.startswith("serve.")
+               for n in _imported_names(path)}
+    assert "load_engine" in serving
+    assert serving.isdisjoint({"load_mixed", "load_pair", "model_dir", "engine_kwargs", "context_length",
+                               "TransformersEngine", "VLLMBatchEngine", "VLLMEngine", "check_installed"})
+    loaders = {name for name, path in found.items() if "load_engine" in _imported_names(path)}
+    assert loaders == {"cli", "serve"}  # generate and sweep (cli), serve (serve_from_args)
 
 
 if __name__ == "__main__":

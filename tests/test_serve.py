@@ -30,7 +30,7 @@ from aligndial.dualpath import DualPathModel
 from aligndial.loading import load_tokenizer
 from aligndial.pair import RealignedPair
 from aligndial.serve import HFEngine, ServerSettings, create_app, uvicorn_config
-from aligndial.serve.engine import GenerationRequest, TokenEvent, sample
+from aligndial.continuous import GenerationRequest, TokenEvent, sample
 from aligndial.tiny import build_model, save
 
 NAME = "tiny"

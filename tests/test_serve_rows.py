@@ -22,7 +22,7 @@ from aligndial.dualpath import DualPathModel
 from aligndial.loading import load_tokenizer
 from aligndial.pair import RealignedPair
 from aligndial.serve import HFEngine
-from aligndial.serve.engine import STOPPED, GenerationRequest
+from aligndial.continuous import STOPPED, GenerationRequest
 from test_serve import NAME, Server, completion_ids, engine_events, error_of, oracle, wait_for
 
 PROMPT = "The quick brown fox"

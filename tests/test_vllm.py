@@ -344,8 +344,8 @@ def test_vllm_engine_counts_a_sequence_cancelled_before_its_first_step_as_done(d
     as the submit) leaves nothing in flight, so it never counts toward the 429 limit."""
     import asyncio
 
-    from aligndial.serve.engine import GenerationRequest
-    from aligndial.serve.vllm_engine import VLLMEngine
+    from aligndial.continuous import GenerationRequest
+    from aligndial.vllm.engine import VLLMEngine
     from aligndial.vllm.run import engine_kwargs
 
     engine = VLLMEngine(engine_kwargs(dirs["dual-export"], "float32", 2, enforce_eager=True), tok, 1, 128,

@@ -14,7 +14,7 @@ import pytest
 from vllm_helpers import perturbed_adapter, tiny
 
 from aligndial.cli import main
-from aligndial.vllm.run import VLLMBatchEngine
+from aligndial.vllm.engine import VLLMBatchEngine
 
 pytestmark = pytest.mark.slow
 

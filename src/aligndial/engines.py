@@ -1,22 +1,41 @@
-"""One engine interface for `generate`, `sweep` and `serve`: transformers (`hf`) or vLLM (`vllm`).
+"""The one engine interface of `generate`, `sweep` and `serve`: transformers (`hf`) or vLLM (`vllm`).
 
-    engine = load_engine(args)                          # the verb's model flags and `--engine`
-    rows = engine.rows(texts, lams, Settings(max_new_tokens=64))   # one row per (text, λ) pair
+    engine = load_engine(args, default_lam)             # the verb's model flags and `--engine`, checked first
+    rows = engine.rows(texts, lams, Settings(max_new_tokens=64))   # generate, sweep: one row per (text, λ)
+    server = engine.continuous(max_concurrency, max_queue)          # serve: the same model, one request at a time
     engine.close()
 
-A row is {"text", "token_ids" (generated ids, up to and including EOS), "tokens_per_second"},
-the same contract from both engines; greedy rows are equal token for token (tests/test_vllm_*).
+An engine has `name`, `tokenizer` and `n_aligned` (aligned models mixed; 0: a plain model, λ must
+be None) and:
 
-- `hf` (`TransformersEngine`): the mixed model `aligndial.mixed.load_mixed` picks; the rows
-  of a call with one λ are one `generate` (`aligndial.generation.generate_rows`).
-- `vllm` (`aligndial.vllm.run.VLLMBatchEngine`): the model flags exported to a directory vLLM loads,
-  and every (text, λ) of a call one request of one vLLM batch. Prefix caching shares a prompt's
-  KV blocks across the λ of a sweep: a path's KV does not depend on λ.
+- `rows(texts, lams, settings)`: one row per (texts[i], lams[i]), λ a number, a list (one weight
+  per aligned model) or None. A row is {"text", "token_ids" (generated ids, up to and including
+  EOS), "tokens_per_second"}, the same contract from both engines; greedy rows are equal token for
+  token (tests/test_vllm_*). `batch_rows(requested)` is the rows per `rows` call in a sweep.
+- `continuous(max_concurrency, max_queue)`: the serving shape of the same engine (continuous
+  batching: requests join and leave a running batch), over the model and export the engine has
+  already loaded. It has `tokenizer`, `n_aligned`, `context_length`, `max_concurrency`, and
+  `start()`, `submit(GenerationRequest) -> Generation` (an async iterator of `TokenEvent`s; raises
+  `EngineOverloaded` or `EngineUnavailable` instead of queueing without bound), `healthy()`,
+  `stats()` and `shutdown()`. The types are in `aligndial.continuous`; `aligndial.serve.app` uses
+  only this shape.
+- `scorer()`: the transformers mixed model that scores rows (KL, pairwise accuracy need the full
+  next-token distribution of both paths, which vLLM does not return): the model itself on `hf`,
+  loaded on first use on `vllm`.
+- `close()`: frees what the engine holds (vLLM's processes, the export directory).
 
-`engine.scorer()` is the transformers mixed model that scores rows (KL, pairwise accuracy need
-the full next-token distribution of both paths, which vLLM does not return): the model itself on
-`hf`, loaded on first use on `vllm`. `aligndial.serve.serve(args, settings)` picks the server's engine
-with the same `check_args`. Beyond `load_engine` and that, no caller looks at `--engine`.
+The two engines, one class each:
+
+- `hf` (`TransformersEngine`): the mixed model `aligndial.mixed.load_mixed` picks. The rows of a
+  call with one λ are one `generate` (`aligndial.generation.generate_rows`); `continuous()` is
+  `aligndial.continuous.HFEngine` on the same model.
+- `vllm` (`aligndial.vllm.engine.VLLMBatchEngine`): the model flags exported once to a directory
+  vLLM loads, and every (text, λ) of a call one request of one vLLM batch (prefix caching shares a
+  prompt's KV blocks across the λ of a sweep: a path's KV does not depend on λ); `continuous()` is
+  `aligndial.vllm.engine.VLLMEngine` on the same export.
+
+The flags are checked in `aligndial.cliargs.check_engine` before a model loads. Beyond
+`load_engine`, no caller looks at `--engine`.
 """
 
 from __future__ import annotations
@@ -25,7 +44,7 @@ import json
 from dataclasses import dataclass
 from typing import Protocol
 
-from aligndial.cliargs import check_settings, n_aligned
+from aligndial.cliargs import check_engine, check_settings
 
 ENGINES = ("hf", "vllm")
 
@@ -46,6 +65,8 @@ class Settings:
 
 
 class Engine(Protocol):
+    """The interface stated in this module's docstring."""
+
     name: str
     tokenizer: object
     n_aligned: int  # aligned models mixed (0: a plain model, λ must be None)
@@ -55,6 +76,9 @@ class Engine(Protocol):
 
     def batch_rows(self, requested: int) -> int:
         """Rows per `rows` call in a sweep, given `--batch-size` (a sweep writes rows.jsonl after each call)."""
+
+    def continuous(self, max_concurrency: int = 8, max_queue: int = 64):
+        """The serving shape of this engine (continuous batching), on what it has loaded."""
 
     def scorer(self):
         """The transformers mixed model for scoring rows."""
@@ -96,6 +120,12 @@ class TransformersEngine:
     def batch_rows(self, requested: int) -> int:
         return requested
 
+    def continuous(self, max_concurrency: int = 8, max_queue: int = 64):
+        """`aligndial.continuous.HFEngine` on this engine's model (no second load)."""
+        from aligndial.continuous import HFEngine
+
+        return HFEngine(self.model, self.tokenizer, self.n_aligned, max_concurrency, max_queue)
+
     def scorer(self):
         return self.model
 
@@ -110,36 +140,14 @@ def as_engine(model, tokenizer) -> Engine:
     return TransformersEngine(model, tokenizer, getattr(model, "n_aligned", 1))
 
 
-def check_args(args) -> str:
-    """The engine `args` choose, with every engine-specific flag checked before a model loads."""
-    engine = getattr(args, "engine", "hf") or "hf"
-    tp = getattr(args, "tensor_parallel_size", None)
-    if engine == "vllm":
-        from aligndial.peft_dirs import refuse_vllm
-        from aligndial.vllm.run import check_installed
-
-        refuse_vllm(getattr(args, "aligned", None))  # a LoRA-aligned pair runs on hf only (docs/lora.md)
-        check_installed(args)
-        if tp is not None and tp < 1:
-            raise ValueError(f"`--tensor-parallel-size` must be ≥ 1; got {tp}")
-    elif tp not in (None, 1):
-        raise ValueError("`--tensor-parallel-size` applies to `--engine vllm`; the hf engine runs on one device")
-    elif getattr(args, "enforce_eager", False):
-        raise ValueError("`--enforce-eager` applies to `--engine vllm` (it skips vLLM's compilation); the hf engine "
-                         "never compiles")
-    check_settings(engine, args, n_aligned(args))
-    return engine
-
-
 def load_engine(args, default_lam=None) -> Engine:
-    """The engine for a verb's model flags, checked first (`check_args`: verbs call nothing else).
-    `default_lam` is what a vLLM export uses for requests without λ (needed with several aligned
-    models; every row of `rows` gives its own λ)."""
-    if check_args(args) == "vllm":
-        from aligndial.vllm.run import VLLMBatchEngine
+    """The engine for a verb's model flags, every flag checked first (`aligndial.cliargs.check_engine`):
+    the one loader of `generate`, `sweep` and `serve`. `default_lam` is what a vLLM export uses for
+    requests without λ (needed with several aligned models; every row of `rows` gives its own λ)."""
+    if check_engine(args) == "vllm":
+        from aligndial.vllm.engine import VLLMBatchEngine
 
         return VLLMBatchEngine.from_args(args, default_lam)
     from aligndial.mixed import load_mixed
 
     return TransformersEngine(*load_mixed(args))
-

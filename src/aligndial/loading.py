@@ -143,6 +143,17 @@ def load_causal_lm(name: str, dtype=None, device: str | None = None, trust_remot
     return model.eval()
 
 
+def context_length(positions: list[int | None], tokenizer, where: str = "the model") -> int:
+    """The longest sequence (prompt + generated tokens) that the configs' `max_position_embeddings`
+    (one per member model) and the tokenizer allow; the one home of this limit for both engines."""
+    limits = [*positions, tokenizer.model_max_length if tokenizer.model_max_length < 10**9 else None]  # HF's "unset" is 1e30
+    known = [x for x in limits if x]
+    if not known:
+        raise ValueError(f"cannot tell the context length of {where}: the config has no max_position_embeddings and "
+                         "the tokenizer no model_max_length; set `tokenizer.model_max_length`")
+    return min(known)
+
+
 def load_tokenizer(name: str, trust_remote_code: bool = False):
     if is_gguf(name):
         tok = load_gguf_tokenizer(name)

@@ -9,10 +9,11 @@ strength λ, and concurrent requests with different λ share forward passes.
 
 Files: protocol.py (request bodies and their bounds), limits.py (every request limit: default,
 flag, check), errors.py (OpenAI error objects), guards.py (body size/type/time and header
-timeouts, before any route), engine.py (the batching engine), vllm_engine.py (the same interface
-on vLLM), batch.py (rows joining and leaving a KV cache), keys.py (λ policy per API key: `--keys`), app.py (routes,
+timeouts, before any route), keys.py (λ policy per API key: `--keys`), app.py (routes,
 `create_app(engine, settings)`), static/ (the playground page at /). This module turns the
-command's flags into those pieces.
+command's flags into those pieces. The engine is the verbs' own (`aligndial.engines.load_engine`,
+which states the interface), served through its `continuous()` shape: `HFEngine` on transformers
+(`aligndial.continuous`), `VLLMEngine` on vLLM (`aligndial.vllm.engine`).
 
 `aligndial.serve.limits` imports only the standard library, and the names below load the server
 (FastAPI, torch) only when first used, so the command line can declare the flags cheaply.
@@ -27,7 +28,7 @@ import os
 from aligndial.mixing import check_lam
 from aligndial.serve import limits
 
-__all__ = ["HFEngine", "ServerSettings", "create_app", "run", "run_vllm", "settings_from_args", "uvicorn_config"]
+__all__ = ["HFEngine", "ServerSettings", "create_app", "serve_from_args", "settings_from_args", "uvicorn_config"]
 
 log = logging.getLogger("aligndial.serve")
 
@@ -38,7 +39,7 @@ def __getattr__(name: str):
 
         return getattr(app, name)
     if name == "HFEngine":
-        from aligndial.serve.engine import HFEngine
+        from aligndial.continuous import HFEngine
 
         return HFEngine
     if name == "uvicorn_config":
@@ -101,16 +102,14 @@ def _usage_log(path: str | None) -> str | None:
 
 
 def settings_from_args(args):
-    """Check every flag before any model loads; returns the `ServerSettings`."""
+    """Check the server's flags before any model loads; returns the `ServerSettings`. (The model
+    and engine flags are checked in `aligndial.cliargs`: `check_models`, and `check_engine`, which
+    `load_engine` runs before it loads anything.)"""
     from aligndial.serve.app import ServerSettings
 
     from aligndial.cliargs import n_aligned as flags_n_aligned
 
     n_aligned = flags_n_aligned(args)
-    if args.engine == "vllm":
-        from aligndial.vllm.run import check_installed
-
-        check_installed(args)
     lo, hi = _lam_range(args.lam_range)
     api_key = _api_key(args.api_key)
     return ServerSettings(
@@ -129,14 +128,15 @@ def settings_from_args(args):
 
 
 def serve_from_args(args, settings) -> int:
-    """`aligndial serve` on the engine `args` choose (`aligndial.engines.check_args`): the same app,
-    routes and validation on both."""
-    from aligndial.engines import check_args
-    from aligndial.mixed import load_mixed
+    """`aligndial serve`: the engine `load_engine` gives every verb, served through its `continuous()`
+    shape behind the same app, routes and validation on both engines; closed when the server stops."""
+    from aligndial.engines import load_engine
 
-    if check_args(args) == "vllm":
-        return run_vllm(args, settings)
-    return run(*load_mixed(args), settings)
+    engine = load_engine(args, settings.default_lam)
+    try:
+        return _serve(engine.continuous(settings.max_concurrency, settings.max_queue), settings)
+    finally:
+        engine.close()
 
 
 def _api_key(flag: str | None) -> str | None:
@@ -153,33 +153,6 @@ def _api_key(flag: str | None) -> str | None:
         log.warning("ALIGNDIAL_API_KEY is set but empty: serving WITHOUT an API key; anyone who can reach "
                     "the server can use it")
     return env if env and env.strip() else None
-
-
-def run_vllm(args, settings) -> int:
-    """`--engine vllm`: export the model flags to a directory vLLM loads (aligndial.vllm.run), then
-    serve it with `VLLMEngine` behind the same app."""
-    import tempfile
-
-    from aligndial.loading import load_tokenizer
-    from aligndial.serve.vllm_engine import VLLMEngine
-    from aligndial.vllm.run import context_length, engine_kwargs, model_dir
-
-    with tempfile.TemporaryDirectory(prefix="aligndial-vllm-") as workdir:
-        path, n_aligned = model_dir(args, workdir, settings.default_lam)
-        tokenizer = load_tokenizer(path, args.trust_remote_code)
-        kw = engine_kwargs(path, args.dtype, settings.max_concurrency,
-                           tensor_parallel_size=getattr(args, "tensor_parallel_size", None) or 1,
-                           enforce_eager=getattr(args, "enforce_eager", False))
-        engine = VLLMEngine(kw, tokenizer, n_aligned,
-                            context_length(path, tokenizer), settings.max_concurrency, settings.max_queue)
-        return _serve(engine, settings)
-
-
-def run(model, tokenizer, n_aligned: int, settings) -> int:
-    """Serve until SIGTERM / Ctrl-C; uvicorn then finishes running requests and refuses new ones."""
-    from aligndial.serve.engine import HFEngine
-
-    return _serve(HFEngine(model, tokenizer, n_aligned, settings.max_concurrency, settings.max_queue), settings)
 
 
 def _serve(engine, settings) -> int:

