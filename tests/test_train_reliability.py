@@ -15,7 +15,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
 
 from aligndial.adapter import decoder_layers, load_adapter
 from aligndial.tiny import build_model, build_tokenizer, save
-from aligndial.train.common import DEFAULT_LEARNING_RATES, latest_checkpoint
+from aligndial.train.common import DEFAULT_LEARNING_RATES, DPO_LEARNING_RATES, latest_checkpoint
 from aligndial.train.data import read_data
 from aligndial.train.distill import TrRaConfig, train_distill, trra_loss
 from aligndial.train.dpo import AdapterDPOConfig, train_dpo
@@ -362,14 +362,16 @@ def test_default_learning_rate_learns_and_is_announced(tmp_path, model_dirs, dat
     cap = Capture()
     kw = {"lora_rank": 8} if mode == "lora" else {}
     args = AdapterDPOConfig(output_dir=str(tmp_path / mode), max_steps=6, per_device_train_batch_size=4, seed=0, **kw)
-    assert args.learning_rate == DEFAULT_LEARNING_RATES[mode]
+    assert args.learning_rate == DPO_LEARNING_RATES[mode]
     train_dpo(model_dirs["llama"][0], data["prefs"], args, callbacks=[cap])
     line = [x for x in capfd.readouterr().err.splitlines() if x.startswith("aligndial train dpo:")]
-    assert len(line) == 1 and f"learning_rate {DEFAULT_LEARNING_RATES[mode]:g} (default for {mode})" in line[0]
+    assert len(line) == 1 and f"learning_rate {DPO_LEARNING_RATES[mode]:g} (default for {mode})" in line[0]
     logged = losses(cap.history)
     assert [s for s, _ in logged] == [1, 6]  # logging_steps 10: still the first and the last step
     assert logged[-1][1] < logged[0][1] - 0.01  # learned (0.6931 = log 2 would mean nothing moved)
     summary = json.load(open(tmp_path / mode / "training_summary.json"))
+    # DPO's own LoRA default (measured on the real model), the other recipes' table otherwise.
+    assert DPO_LEARNING_RATES["lora"] == 4e-4 and AdapterSFTConfig(output_dir=str(tmp_path / "sft"), lora_rank=8).learning_rate == DEFAULT_LEARNING_RATES["lora"]
     assert summary["losses"] == [v for _, v in logged]
 
 

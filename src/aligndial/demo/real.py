@@ -53,7 +53,7 @@ class RealConfig:
     trra_steps: int = 32
     # (what trains, learning rate): the default recipes retrained at another learning rate, to see
     # whether a default is what limits a claim (c: the adapter's KL; part 4: each default's gain).
-    lr_variants: tuple = (("adapter", 3e-5), ("lora", 4e-4))
+    lr_variants: tuple = (("adapter", 3e-5), ("lora", 2e-4))  # LoRA DPO's default was 2e-4 before this run
     dtype: str = "bfloat16"       # sampling and scoring; training keeps float32 master weights
     seed: int = SEED
     # A process per recipe makes its peak memory its own; --quick trains in-process (no second

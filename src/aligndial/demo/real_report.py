@@ -332,11 +332,13 @@ def eval_table(evals: dict) -> str:
 
 
 def recipe_table(recipes: dict) -> str:
-    lines = ["| recipe | trainable params | share | steps | median step (s) | peak RSS (MB) | first → last loss |", "|---|---|---|---|---|---|---|"]
+    lines = ["| recipe | learning rate | trainable params | share | steps | median step (s) | peak RSS (MB) | first → last loss |",
+             "|---|---|---|---|---|---|---|---|"]
     for name, x in recipes.items():
         losses = x.get("losses") or []
         loss = f"{losses[0]:.3f} → {losses[-1]:.3f}" if losses else "—"
-        lines.append(f"| {name} | {x['trainable_params']:,} | {100 * x['trainable_fraction']:.2f}% | {x['steps']} | "
+        lr = f"{x['learning_rate']:g}" if "learning_rate" in x else "—"
+        lines.append(f"| {name} | {lr} | {x['trainable_params']:,} | {100 * x['trainable_fraction']:.2f}% | {x['steps']} | "
                      f"{x['step_seconds_median']} | {x['peak_rss_mb']:.0f} | {loss} |")
     return "\n".join(lines)
 

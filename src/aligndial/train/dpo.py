@@ -16,10 +16,11 @@ from __future__ import annotations
 import os
 import shutil
 from dataclasses import dataclass
+from typing import ClassVar
 
 from trl import DPOConfig, DPOTrainer
 
-from aligndial.train.common import RecipeArgs, RobustTrainerMixin, run_recipe
+from aligndial.train.common import DPO_LEARNING_RATES, RecipeArgs, RobustTrainerMixin, run_recipe
 from aligndial.train.data import read_data
 
 
@@ -30,6 +31,7 @@ class AdapterDPOConfig(RecipeArgs, DPOConfig):
     `RecipeArgs`. Changed default: `precompute_ref_log_probs=True` (see the module docstring)."""
 
     precompute_ref_log_probs: bool = True
+    default_learning_rates: ClassVar[dict] = DPO_LEARNING_RATES
 
     def __post_init__(self):
         if self.init != "identity" and self.precompute_ref_log_probs and not (self.full or self.lora_rank or self.tune_layers):
