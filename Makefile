@@ -36,7 +36,7 @@ demo: $(STAMP)
 	HF_HUB_OFFLINE=1 $(VENV)/bin/aligndial demo
 
 bench: $(STAMP)
-	cd benchmarks && for b in pair_speed dualpath_speed lora_pair_speed train_speed dpo_bound serve_throughput vllm_speed sweep_engines; do \
+	cd benchmarks && for b in pair_speed dualpath_speed cli_speed lora_pair_speed train_speed dpo_bound serve_throughput vllm_speed sweep_engines; do \
 		HF_HUB_OFFLINE=1 ../$(PY) $$b.py || exit 1; done
 
 clean:

@@ -86,7 +86,9 @@ def cli_rows(rounds: int, dtypes) -> list[dict]:
     """What a user sees: `aligndial generate --max-new-tokens 128 --json`, batch 1, λ=0.5 on the
     dual path against the plain model (`--model` alone), `tokens_per_second` from its output,
     best of `rounds` fresh processes per side, the sides alternating. Each run must produce
-    all 128 tokens (a random model that emits EOS early would time fewer)."""
+    all 128 tokens (a random model that emits EOS early would time fewer). Separate processes
+    at separate times, default threads: for the CLI ratio against the in-process one, measured
+    interleaved in one run with the same threads on both sides, use `cli_speed.py`."""
     import tempfile
 
     from aligndial.adapter import save_adapter

@@ -57,3 +57,18 @@ def test_argparse_still_has_what_clidocs_walks():
     actions = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
     assert len(actions) == 1 and [a.dest for a in actions[0]._choices_actions] == ["verb"], (
         "argparse changed _actions / _SubParsersAction / _choices_actions, which aligndial.clidocs walks")
+
+
+def test_trl_chunked_head_still_asks_use_triton_whether_to_drop_masked_positions():
+    """aligndial.train.common.score_completions_only wraps `trl.trainer.utils._use_triton` so that
+    TRL's chunked log-prob head drops the prompt positions on CPU too: TRL has no public setting
+    for it, and the head reads that module-level name at call time."""
+    import trl
+    import trl.trainer.utils as trl_utils
+
+    assert callable(getattr(trl_utils, "_use_triton", None)), (
+        f"trl {trl.__version__} has no trl.trainer.utils._use_triton: score_completions_only patches nothing")
+    params = list(inspect.signature(trl_utils._use_triton).parameters)
+    assert len(params) == 1, f"trl {trl.__version__} changed _use_triton's signature to {params} (we pass a device)"
+    assert "_use_triton(hidden_states.device)" in inspect.getsource(trl_utils), (
+        f"trl {trl.__version__}'s chunked head no longer calls _use_triton(hidden_states.device) from trl.trainer.utils")

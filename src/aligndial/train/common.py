@@ -335,6 +335,8 @@ def score_completions_only() -> None:
     Neuron's. On CPU, in eager mode, nothing recompiles, and the prompt positions were most of
     the head's cost, and the head a large share of an adapter-DPO step on a small model
     (benchmarks/train_speed.py). The log-probs are the same rows either way (TRL itself zeroes the masked ones).
+    TRL has no public setting for this: `trl.trainer.utils._use_triton` is the private switch its
+    chunked head reads, so we wrap it (tests/test_upstream.py fails, naming the change, if TRL moves it).
     """
     import trl.trainer.utils as trl_utils
 
