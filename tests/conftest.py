@@ -45,3 +45,17 @@ def replicas(tmp_path_factory) -> Replicas:
 def prompts():
     # Different lengths, so batches are left-padded.
     return ["The quick brown fox", "Hello", "Numbers such as 12 and 345 appear"]
+
+
+@pytest.fixture(scope="session")
+def tour_dir(tmp_path_factory):
+    """One `aligndial demo tour` directory for the session, made by the command itself as a README line
+    runs (tests/test_readme.py's Runner). The docs pages and the README's vLLM section build on it:
+    each copies it (test_readme.copy_tour) before its lines write there, so no test sees another's files."""
+    from test_readme import Runner
+
+    runner = Runner(tmp_path_factory.mktemp("tour"))
+    runner.run_blocks([{"section": "setup", "lang": "bash", "lines": ["aligndial demo tour"]}])
+    assert not runner.failed and runner.ran == ["aligndial demo tour"], runner.report()
+    return runner.cwd
+
