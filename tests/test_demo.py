@@ -189,12 +189,30 @@ def _chat_ids(tokenizer, problems):
     return [tokenizer(t, add_special_tokens=False, return_tensors="pt")["input_ids"] for t in texts]
 
 
-def test_steering_at_lam_0_is_the_large_model_alone():
+@pytest.fixture(scope="module")
+def bundle():
+    """The bundled models as `aligndial demo` loads them (`show.load_bundle`), once for the steering tests."""
+    from aligndial.demo.show import load_bundle
+
+    return load_bundle(BUNDLE)
+
+
+@pytest.fixture
+def as_the_demo_runs():
+    """One torch thread, as `aligndial demo` computes the steering rows (`quiet_single_thread`): two
+    threads on a busy 2-core machine crawl."""
+    from aligndial.demo.build import quiet_single_thread
+
+    with quiet_single_thread():
+        yield
+
+
+def test_steering_at_lam_0_is_the_large_model_alone(bundle, as_the_demo_runs):
     """The demo's steering pair (large, [aligned, ref]) at weights (0, 0) generates the large model's
     own greedy tokens; at (1, −1) it does not (the small pair moves it)."""
-    from aligndial.demo.show import load_bundle, steering_weights
+    from aligndial.demo.show import steering_weights
 
-    pair = load_bundle(BUNDLE)["Steering"]
+    pair = bundle["Steering"]
     large = _plain(BUNDLE / "large")
     moved = 0
     for ids in _chat_ids(pair.tokenizer, task.problems(6, 0, "eval")):
@@ -206,14 +224,14 @@ def test_steering_at_lam_0_is_the_large_model_alone():
     assert moved > 0, "λ=1 left every reply as the large model's"
 
 
-def test_steering_rows_come_from_the_large_model_and_the_small_pair():
+def test_steering_rows_come_from_the_large_model_and_the_small_pair(bundle, as_the_demo_runs):
     """Each steering row's p(careful) is the mean probability of "Step" as the first reply token under
     h_large + λ·(h_aligned − h_ref), recomputed here in float64 from the three plain models; λ=0 is the
     large model's own (not the small reference's), and only λ=0 has zero KL to it."""
-    from aligndial.demo.show import STEER_LAMS, load_bundle, sizes, steering_rows
+    from aligndial.demo.show import STEER_LAMS, sizes, steering_rows
 
     n = 6
-    models = load_bundle(BUNDLE)
+    models = bundle
     rows = {r["lam"]: r for r in steering_rows(models["Steering"], models["tokenizer"], task.problems(n, 0, "eval"))}
     assert sorted(rows) == STEER_LAMS
     large, aligned, ref = (_plain(BUNDLE / name) for name in ("large", "aligned", "ref"))
