@@ -27,8 +27,9 @@ $(STAMP): pyproject.toml Makefile
 test: $(STAMP)
 	HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false VLLM_CPU_KVCACHE_SPACE=1 $(PY) -m pytest -q
 
-# The edit loop: everything but the tests marked slow (vLLM, the browser, the README run, the demo
-# build, training runs and other long ones). `make test` stays the whole suite and what CI runs.
+# The edit loop: everything but the tests marked slow (vLLM, the browser, the README and docs runs,
+# the demo build, the real model, training runs and other long ones). `make test` stays the whole
+# suite and what CI runs. Both times: docs/benchmarks.md.
 test-fast: $(STAMP)
 	HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false $(PY) -m pytest -q -m "not slow" --ignore-glob='tests/test_vllm*'
 

@@ -12,7 +12,23 @@ import torch  # noqa: E402
 from aligndial.tiny import build_model, build_tokenizer, save  # noqa: E402
 from replicas import Replicas  # noqa: E402
 
-torch.set_num_threads(2)
+# One torch thread: the tests' models are tiny, and two threads on a 2-core machine that is doing anything
+# else spin against each other (the suite's times both ways: docs/benchmarks.md, "Test suite"). The
+# modules that send a server requests at once and assert they shared decode steps or streamed keep two
+# threads, as CI has always run them: one thread made a tiny model's step short enough that staggered
+# requests stopped overlapping.
+THREADS, CONCURRENT_SERVING_THREADS = 1, 2
+CONCURRENT_SERVING = {"test_serve", "test_serve_rows", "test_serve_stream", "test_serve_fuzz", "test_keys", "test_playground"}
+torch.set_num_threads(THREADS)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def torch_threads(request):
+    """Two torch threads for the CONCURRENT_SERVING modules, one for the rest (see above)."""
+    threads = CONCURRENT_SERVING_THREADS if request.module.__name__ in CONCURRENT_SERVING else THREADS
+    torch.set_num_threads(threads)
+    yield
+    torch.set_num_threads(THREADS)
 
 
 @pytest.fixture(scope="session")
@@ -45,3 +61,17 @@ def replicas(tmp_path_factory) -> Replicas:
 def prompts():
     # Different lengths, so batches are left-padded.
     return ["The quick brown fox", "Hello", "Numbers such as 12 and 345 appear"]
+
+
+@pytest.fixture(scope="session")
+def tour_dir(tmp_path_factory):
+    """One `aligndial demo tour` directory for the session, made by the command itself as a README line
+    runs (tests/test_readme.py's Runner). The docs pages and the README's vLLM section build on it:
+    each copies it (test_readme.copy_tour) before its lines write there, so no test sees another's files."""
+    from test_readme import Runner
+
+    runner = Runner(tmp_path_factory.mktemp("tour"))
+    runner.run_blocks([{"section": "setup", "lang": "bash", "lines": ["aligndial demo tour"]}])
+    assert not runner.failed and runner.ran == ["aligndial demo tour"], runner.report()
+    return runner.cwd
+

