@@ -698,7 +698,9 @@ def test_case27_an_engine_fault_restarts_the_engine_and_is_counted(llama):
     engine._prune = prune_with_one_fault
     with Server(engine) as server:
         assert server.metrics()["aligndial_engine_restarts_total"] == 0
-        err = error_of(server.post("/v1/completions", {"prompt": "Hi", "max_tokens": 4}), 500)
+        # Greedy: a sampled first token could be EOS, and a request that ends at its prefill has no row
+        # left in the batch for the fault to fail (it would get 200; seen once in about nine runs).
+        err = error_of(server.post("/v1/completions", {"prompt": "Hi", "max_tokens": 4, "temperature": 0}), 500)
         assert "injected fault" in err["message"]
         server.assert_serves()
         assert server.metrics()["aligndial_engine_restarts_total"] == 1
