@@ -10,9 +10,6 @@ import json
 import logging
 import os
 import signal
-import socket
-import subprocess
-import sys
 import threading
 import time
 import tomllib
@@ -30,7 +27,7 @@ from aligndial.pair import RealignedPair
 from aligndial.serve import HFEngine
 from aligndial.serve.keys import (KeyMetrics, KeyPolicy, KeyUse, PolicyError, PolicyStore, RateLimiter,
                                   check_request, key_hash, parse_key, parse_policy, read_policy, to_toml)
-from test_serve import NAME, PROMPT, Server, sse_events, wait_for
+from test_serve import NAME, PROMPT, Server, cli_server, sse_events, wait_for
 
 KEYS = {name: f"sk-{name}-{'x' * 20}-secret" for name in ("alice", "bob", "carol", "dave", "erin", "grace", "mallory")}
 POLICIES = {
@@ -486,22 +483,8 @@ def test_cli_server_reloads_on_sighup_and_the_usage_log_survives_a_kill(model_di
     keys_path, usage = str(tmp_path / "keys.toml"), str(tmp_path / "usage.jsonl")
     assert main(["keys", "add", keys_path, "--name", "first", "--lam-range=0,1"]) == 0
     first = capsys.readouterr().out.splitlines()[-1]
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    log = open(tmp_path / "server.log", "w+")
-    proc = subprocess.Popen([sys.executable, "-m", "aligndial.cli", "serve", "--ref", ref, "--aligned", aligned,
-                             "--keys", keys_path, "--usage-log", usage, "--port", str(port)],
-                            stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "HF_HUB_OFFLINE": "1"})
-    url = f"http://127.0.0.1:{port}"
-    try:
-        def up():
-            try:
-                return httpx.get(url + "/health", timeout=1).status_code == 200
-            except httpx.TransportError:
-                return False
-
-        assert wait_for(up, 90), open(tmp_path / "server.log").read()
+    with cli_server(["--ref", ref, "--aligned", aligned, "--keys", keys_path, "--usage-log", usage],
+                    tmp_path / "server.log") as (proc, url):
         one = openai.OpenAI(base_url=url + "/v1", api_key=first, max_retries=0, timeout=60)
         name = one.models.list().data[0].id
         assert one.completions.create(model=name, prompt=PROMPT, max_tokens=3).alignment_strength == 1.0
@@ -514,10 +497,6 @@ def test_cli_server_reloads_on_sighup_and_the_usage_log_survives_a_kill(model_di
         assert two.completions.create(model=name, prompt=PROMPT, max_tokens=3).alignment_strength == 0.25
         proc.kill()  # no shutdown: every finished request's line is already on disk
         proc.wait(10)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait(10)
     rows = [json.loads(line) for line in open(usage)]
     assert [(r["key"], r["status"], r["lam"]) for r in rows] == [("first", 200, 1.0), ("second", 200, 0.25)]
     output = open(tmp_path / "server.log").read()

@@ -6,6 +6,7 @@ Every docs/reliability.md case 1–11 is here, each followed by a request that m
 """
 
 import asyncio
+import contextlib
 import json
 import os
 import re
@@ -87,6 +88,33 @@ def wait_for(condition, seconds: float = 5.0) -> bool:
             return True
         time.sleep(0.02)
     return condition()
+
+
+@contextlib.contextmanager
+def cli_server(args: list[str], log_path):
+    """`aligndial serve ARGS` in a subprocess on a free port, its output in `log_path`: yields
+    (process, url) once /health answers 200, and kills the process on the way out if it still runs."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    with open(log_path, "w+") as log:
+        proc = subprocess.Popen([sys.executable, "-m", "aligndial.cli", "serve", *args, "--port", str(port)],
+                                stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    url = f"http://127.0.0.1:{port}"
+    try:
+        def up():
+            try:
+                return httpx.get(url + "/health", timeout=1).status_code == 200
+            except httpx.TransportError:
+                return False
+
+        assert wait_for(up, 90), open(log_path).read()
+        yield proc, url
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
+
 
 
 def oracle(capsys, *flags) -> list[list[int]]:
@@ -538,24 +566,8 @@ def test_cli_server_two_aligned_models_keys_and_sigterm(llama, tmp_path, capsys)
     expected = oracle(capsys, "--ref", ref, "--aligned", a1, "--aligned", a2, "--lam", "0.5,0.25", "--prompt", PROMPT,
                       "--max-new-tokens", "12")[0]
     key = "sk-never-log-me-123"
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    log = open(tmp_path / "server.log", "w+")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "aligndial.cli", "serve", "--ref", ref, "--aligned", a1, "--aligned", a2,
-         "--default-lam", "0.5,0.25", "--lam-range=-2,3", "--port", str(port), "--api-key", key],
-        stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "HF_HUB_OFFLINE": "1"},
-    )
-    url = f"http://127.0.0.1:{port}"
-    try:
-        def up():
-            try:
-                return httpx.get(url + "/health", timeout=1).status_code == 200
-            except httpx.TransportError:
-                return False
-
-        assert wait_for(up, 90), open(tmp_path / "server.log").read()
+    with cli_server(["--ref", ref, "--aligned", a1, "--aligned", a2, "--default-lam", "0.5,0.25", "--lam-range=-2,3",
+                     "--api-key", key], tmp_path / "server.log") as (proc, url):
         client = openai.OpenAI(base_url=url + "/v1", api_key=key, max_retries=0, timeout=60)
         name = client.models.list().data[0].id
         r = client.completions.create(model=name, prompt=PROMPT, max_tokens=12, temperature=0,
@@ -589,10 +601,6 @@ def test_cli_server_two_aligned_models_keys_and_sigterm(llama, tmp_path, capsys)
         assert events[-1] == "[DONE]" and events[-2]["choices"][0]["finish_reason"] == "length"
         assert sum(len(e["choices"][0]["token_ids"]) for e in head + events[:-1]) == 200  # the whole answer
         assert proc.wait(30) in (0, -signal.SIGTERM)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait(10)
     output = open(tmp_path / "server.log").read()
     assert "POST /v1/completions" in output and key not in output
 
