@@ -221,12 +221,11 @@ def defaults_verdict(evals: dict) -> dict:
     """Part 4: does each `train dpo` default (adapter, LoRA, full) raise held-out reward?"""
     ref = evals.get("dera-0")
     rows = {}
-    named = [("adapter (default)", "adapter-1"), ("LoRA (--lora-rank)", "lora-1"), ("full (--full)", "dera-1")]
+    named = [("adapter (default)", evals.get("adapter-1")), ("LoRA (--lora-rank)", evals.get("lora-1")),
+             ("full (--full)", evals.get("dera-1"))]
     for family, label in (("adapter", "adapter"), ("lora", "LoRA")):
-        named += [(f"{label}, --learning_rate {lr:g}", n) for n in evals if n.startswith(family + "-lr")
-                  for lr in [float(n.removeprefix(family + "-lr").rpartition("-")[0])]]
-    for mode, name in named:
-        e = evals.get(name)
+        named += [(f"{label}, --learning_rate {lr:g}", e) for lr, e in variants(evals, family).items()]
+    for mode, e in named:
         if ref is None or e is None:
             rows[mode] = {"verdict": NOT_MEASURED}
             continue
