@@ -300,11 +300,17 @@ def test_alone_and_in_a_concurrent_mixed_lam_batch_give_the_same_tokens(which, r
     client = server.client()
     alone = [completion_ids(client, p, lam, n) for p, lam, n in BATCH]
     before = server.metrics()
-    start = threading.Barrier(len(BATCH))
+    # The longest row leads; the others wait until it is decoding and then arrive together, so they join a batch
+    # already in flight and share steps with each other whatever the machine's speed (a fixed stagger did not:
+    # on a fast machine the early rows finished before the late ones came).
+    leader = max(range(len(BATCH)), key=lambda i: BATCH[i][2])
+    start = threading.Barrier(len(BATCH) - 1)
 
     def together(i):
-        start.wait()
-        time.sleep(0.02 * i)  # staggered, so rows also join a batch that is already decoding
+        if i != leader:
+            while server.metrics()["aligndial_decode_steps_total"] == before["aligndial_decode_steps_total"]:
+                time.sleep(0.001)
+            start.wait()
         return completion_ids(client, *BATCH[i])
 
     with ThreadPoolExecutor(len(BATCH)) as pool:
