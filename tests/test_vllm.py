@@ -4,7 +4,8 @@ Tiny Llama and Qwen2 models (head_dim 32: the CPU attention kernels need a multi
 built like conftest's and saved to temporary directories. Engines are shared per module (their
 starts dominate): one `LLM` for the dual path, one for the pair, one `vllm serve` subprocess
 (compiled, as vLLM serves by default: our classes under torch.compile), one `aligndial serve
---engine vllm --enforce-eager` subprocess, and the `generate --engine vllm` command.
+--engine vllm --enforce-eager --keys` subprocess (the λ tests and the key-policy test share it), and
+the `generate --engine vllm` command.
 
 Without vLLM these tests skip with a reason, unless ALIGNDIAL_REQUIRE_VLLM=1 (CI), where a
 missing vLLM fails them.
@@ -267,17 +268,31 @@ def test_vllm_serve_refuses_a_hostile_lam_with_400_and_keeps_running(vllm_server
     assert vllm_server.proc.poll() is None and httpx.get(vllm_server.url + "/health").status_code == 200
 
 
+KEYS = {"tutor": "sk-tutor-vllm-key", "notebook": "sk-notebook-vllm-key"}  # tutor: policies; notebook: none
+
+
 @pytest.fixture(scope="module")
 def aligndial_server(dirs, tmp_path_factory):
+    """`aligndial serve --engine vllm --keys`: one server for the λ tests (the notebook key, no policy)
+    and the key-policy test (the tutor key, used by that test alone: its rate limit counts)."""
+    from aligndial.serve.keys import key_hash, to_toml
+
+    logs = tmp_path_factory.mktemp("logs")
+    keys = logs / "keys.toml"
+    keys.write_text(to_toml("tutor", {"sha256": key_hash(KEYS["tutor"]), "lam_range": [1.0, 2.0], "default_lam": 1.5,
+                                      "max_tokens": 4, "requests_per_minute": 3})
+                    + to_toml("notebook", {"sha256": key_hash(KEYS["notebook"])}))
     server = Subprocess([sys.executable, "-m", "aligndial.cli", "serve", "--engine", "vllm", "--model", dirs["llama-ref"],
-                         "--adapter", dirs["adapter"], "--lam-range=-2,3", "--enforce-eager"],
-                        tmp_path_factory.mktemp("logs") / "aligndial-serve.log")
+                         "--adapter", dirs["adapter"], "--lam-range=-2,3", "--enforce-eager", "--keys", str(keys)],
+                        logs / "aligndial-serve.log")
     yield server
     server.stop()
+    log = (logs / "aligndial-serve.log").read_text()
+    assert KEYS["tutor"] not in log and KEYS["notebook"] not in log  # keys never reach the log
 
 
 def test_aligndial_serve_engine_vllm_honours_alignment_strength(aligndial_server, hf_dual, tok):
-    client = aligndial_server.client()
+    client = aligndial_server.client(KEYS["notebook"])
     model = client.models.list().data[0].id
 
     def ids(lam, prompt=PROMPTS[0], **kw):
@@ -297,6 +312,37 @@ def test_aligndial_serve_engine_vllm_honours_alignment_strength(aligndial_server
         ids(5.0)
     assert ids(0.0) == hf_tokens(hf_dual, tok, PROMPTS[0], 0.0)
     assert httpx.get(aligndial_server.url + "/health").status_code == 200
+
+
+def prefills(server) -> float:
+    lines = httpx.get(server.url + "/metrics", timeout=10).text.splitlines()
+    return next(float(line.split()[-1]) for line in lines if line.startswith("aligndial_prefills_total"))
+
+
+def test_key_policies_are_checked_before_the_vllm_engine(aligndial_server):
+    """`--keys` on `--engine vllm`: the same policies, checked before a request reaches vLLM. The
+    engine's prefill counter in /metrics shows what vLLM received: refused requests never arrive."""
+    tutor, notebook = (aligndial_server.client(KEYS[k]) for k in ("tutor", "notebook"))
+    model = notebook.models.list().data[0].id
+    before = prefills(aligndial_server)
+    r = tutor.completions.create(model=model, prompt=PROMPTS[0], temperature=0)  # 1 of tutor's 3 requests
+    assert r.alignment_strength == 1.5 and 1 <= r.usage.completion_tokens <= 4  # its default λ and its cap
+    assert notebook.completions.create(model=model, prompt=PROMPTS[0], max_tokens=4, temperature=0,
+                                       extra_body={"alignment_strength": -1.5}).alignment_strength == -1.5
+    seen = prefills(aligndial_server)
+    assert seen == before + 2
+    with pytest.raises(openai.PermissionDeniedError, match=r"key 'tutor' allows `alignment_strength` within \[1, 2\]"):
+        tutor.completions.create(model=model, prompt=PROMPTS[0], extra_body={"alignment_strength": 0.0})
+    with pytest.raises(openai.PermissionDeniedError, match="at most 4 tokens per request"):
+        tutor.chat.completions.create(model=model, messages=[{"role": "user", "content": "Hi"}], max_tokens=5)
+    with pytest.raises(openai.RateLimitError, match="3 requests per minute") as e:
+        tutor.completions.create(model=model, prompt=PROMPTS[0], max_tokens=2)
+    assert int(e.value.response.headers["retry-after"]) >= 1
+    with pytest.raises(openai.AuthenticationError):
+        aligndial_server.client("sk-unknown").completions.create(model=model, prompt=PROMPTS[0])
+    assert prefills(aligndial_server) == seen  # none of the refused requests reached vLLM
+    assert notebook.completions.create(model=model, prompt=PROMPTS[1], max_tokens=2).usage.completion_tokens >= 1
+    assert prefills(aligndial_server) == seen + 1
 
 
 # --- the CLI ----------------------------------------------------------------------------------------------

@@ -3,7 +3,9 @@
 vLLM's CPU attention takes head sizes from 32 up, so every tiny model here has head_dim 32.
 Engines run in this process (`VLLM_ENABLE_V1_MULTIPROCESSING=0`, worker bound to every core,
 as `aligndial generate --engine vllm` runs on CPU): no engine process to spawn and import vLLM
-again, which dominated each start on 2 loaded cores.
+again, which dominated each start on 2 loaded cores. One in-process engine at a time: with a second
+one alive in the same process, the first one's greedy tokens changed (tried for test_vllm.py's
+module engines, which therefore keep vLLM's own engine process).
 """
 
 from __future__ import annotations
@@ -146,8 +148,8 @@ class Subprocess:
         self.log.seek(0)
         return self.log.read()[-5000:]
 
-    def client(self) -> openai.OpenAI:
-        return openai.OpenAI(base_url=self.url + "/v1", api_key="unused", max_retries=0, timeout=120)
+    def client(self, api_key: str = "unused") -> openai.OpenAI:
+        return openai.OpenAI(base_url=self.url + "/v1", api_key=api_key, max_retries=0, timeout=120)
 
     def stop(self):
         self.proc.terminate()
