@@ -31,6 +31,19 @@ def torch_threads(request):
     torch.set_num_threads(THREADS)
 
 
+# The files that take minutes, longest first. `make test` runs two workers that each take whole files
+# in the order collected (`--dist loadfile --no-loadscope-reorder`); handing out the long ones first
+# lets the two finish together instead of one running the last long file alone. Per-file times:
+# docs/benchmarks.md, "Test suite".
+LONGEST_FIRST = ("test_docs.py", "test_vllm_tp.py", "test_vllm.py", "test_readme.py", "test_vllm_archs.py",
+                 "test_train.py", "test_real_model.py")
+
+
+def pytest_collection_modifyitems(items):
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: a file's own order stays
+
+
 @pytest.fixture(scope="session")
 def tok():
     return build_tokenizer()
