@@ -2,6 +2,7 @@
 trained offline. Everything is saved to disk and loaded back through `from_pretrained`."""
 
 import os
+from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -37,6 +38,8 @@ def torch_threads(request):
 # docs/benchmarks.md, "Test suite".
 LONGEST_FIRST = ("test_docs.py", "test_vllm_tp.py", "test_vllm.py", "test_readme.py", "test_vllm_archs.py",
                  "test_train.py", "test_real_model.py")
+_missing = [name for name in LONGEST_FIRST if not (Path(__file__).parent / name).exists()]
+assert not _missing, f"LONGEST_FIRST in tests/conftest.py names {_missing}, which are gone: rename or drop them"
 
 
 def pytest_collection_modifyitems(items):
