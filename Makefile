@@ -28,14 +28,15 @@ $(STAMP): pyproject.toml Makefile
 # most of the suite's time is single-threaded start-up (imports, engine and server starts), so two
 # files side by side fill both cores. The longest files go first (tests/conftest.py, LONGEST_FIRST).
 # Times both ways: docs/benchmarks.md, "Test suite".
+WORKERS = -n 2 --dist loadfile --no-loadscope-reorder
 test: $(STAMP)
-	HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false VLLM_CPU_KVCACHE_SPACE=1 $(PY) -m pytest -q -n 2 --dist loadfile --no-loadscope-reorder
+	HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false VLLM_CPU_KVCACHE_SPACE=1 $(PY) -m pytest -q $(WORKERS)
 
 # The edit loop: everything but the tests marked slow (vLLM, the browser, the README and docs runs,
 # the demo build, the real model, training runs and other long ones). `make test` stays the whole
 # suite and what CI runs. Both times: docs/benchmarks.md.
 test-fast: $(STAMP)
-	HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false $(PY) -m pytest -q -n 2 --dist loadfile --no-loadscope-reorder -m "not slow" --ignore-glob='tests/test_vllm*'
+	HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false $(PY) -m pytest -q $(WORKERS) -m "not slow" --ignore-glob='tests/test_vllm*'
 
 demo: $(STAMP)
 	HF_HUB_OFFLINE=1 $(VENV)/bin/aligndial demo
